@@ -1,0 +1,1 @@
+"""``osop`` sub-commands. Each module defines ``register(subparsers)``; heavy imports stay inside handlers."""

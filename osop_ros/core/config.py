@@ -1,0 +1,232 @@
+"""The one YAML configuration, validated at startup into dataclasses.
+
+Plain YAML form (``osop estimate --config``, ``Pipeline.from_config``)::
+
+    device: auto                 # auto | cpu | cuda | cuda:N
+    threads: 0                   # torch CPU threads, 0 = torch default
+    objects:
+      - name: example_object
+        mesh: package://osop_ros/assets/example_object.ply   # or an absolute/relative path
+        units: auto              # mm | m | auto
+        obj_id: 1
+        symmetries: {continuous: [{axis: [0, 0, 1], offset: [0, 0, 0]}]}   # optional, metres
+    weights: {segment: "", match: "", correspond: ""}   # "" = weights shipped with the package
+    templates: {crop_size: 64, n_elevations: 16, n_azimuths: 36, n_inplane: 5,
+                elevation_min_deg: -15, elevation_max_deg: 90, cache_dir: ""}
+    pipeline: {modality: auto, score_threshold: 0.3, max_instances: 1, top_k_templates: 3,
+               icp: true, tracking: false}
+
+The ROS node flattens the same keys into ``ros__parameters`` (see ``config/osop.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from osop_ros.core.types import InvalidInputError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # .../osop_ros (the python package)
+
+
+def package_share_dir() -> Path:
+    """Where ``weights/``, ``config/`` live: the ament share dir when installed, else the source tree."""
+    try:  # optional: only on a ROS install
+        from ament_index_python.packages import get_package_share_directory
+
+        share = Path(get_package_share_directory("osop_ros"))
+        if (share / "weights").is_dir():
+            return share
+    except Exception:  # noqa: BLE001 - not installed through colcon / no ament index
+        pass
+    return PACKAGE_ROOT.parent
+
+
+def resolve_path(path: str | os.PathLike[str], base_dir: Path | None = None) -> Path:
+    """Resolve ``package://osop_ros/...``, ``~`` and relative paths (relative to ``base_dir``)."""
+    s = str(path)
+    if s.startswith("package://osop_ros/"):
+        rel = s[len("package://osop_ros/") :]
+        for root in (PACKAGE_ROOT, package_share_dir()):
+            if (root / rel).exists():
+                return root / rel
+        return PACKAGE_ROOT / rel
+    p = Path(os.path.expanduser(s))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return p
+
+
+def default_cache_dir() -> Path:
+    """``$OSOP_CACHE_DIR`` or ``~/.cache/osop``."""
+    return Path(os.environ.get("OSOP_CACHE_DIR", os.path.expanduser("~/.cache/osop")))
+
+
+@dataclass
+class ObjectConfig:
+    """One object to onboard."""
+
+    name: str
+    mesh: str
+    units: str = "auto"
+    obj_id: int = 0
+    symmetries: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WeightsConfig:
+    """Network checkpoints; empty = the ones shipped in ``weights/``."""
+
+    segment: str = ""
+    match: str = ""
+    correspond: str = ""
+
+
+@dataclass
+class TemplatesConfig:
+    """Template dictionary rendering parameters."""
+
+    crop_size: int = 64
+    n_elevations: int = 16
+    n_azimuths: int = 36
+    n_inplane: int = 5
+    elevation_min_deg: float = -15.0
+    elevation_max_deg: float = 90.0
+    cache_dir: str = ""
+
+
+@dataclass
+class PipelineConfig:
+    """Inference behaviour."""
+
+    modality: str = "auto"  # auto | rgb | rgbd
+    score_threshold: float = 0.3
+    max_instances: int = 1
+    top_k_templates: int = 3
+    icp: bool = True
+    tracking: bool = False
+    seg_input_width: int = 320
+
+
+@dataclass
+class OsopConfig:
+    """Validated top-level configuration."""
+
+    objects: list[ObjectConfig] = field(default_factory=list)
+    device: str = "auto"
+    threads: int = 0
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    base_dir: str = ""  # directory of the YAML file; relative mesh paths resolve against it
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidInputError` with one clear message per problem found."""
+        errs = []
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            errs.append(f"device must be auto|cpu|cuda|cuda:N, got {self.device!r}")
+        names = [o.name for o in self.objects]
+        if len(set(names)) != len(names):
+            errs.append(f"object names must be unique, got {names}")
+        for o in self.objects:
+            if not o.name or not o.name.replace("_", "").isalnum():
+                errs.append(f"object name {o.name!r} must be non-empty [A-Za-z0-9_] (it becomes a topic name)")
+            if o.units not in ("mm", "m", "auto"):
+                errs.append(f"object {o.name}: units must be mm|m|auto, got {o.units!r}")
+            if not o.mesh:
+                errs.append(f"object {o.name}: mesh path is empty")
+        p = self.pipeline
+        if p.modality not in ("auto", "rgb", "rgbd"):
+            errs.append(f"pipeline.modality must be auto|rgb|rgbd, got {p.modality!r}")
+        if not 0.0 <= p.score_threshold <= 1.0:
+            errs.append(f"pipeline.score_threshold must be in [0, 1], got {p.score_threshold}")
+        if p.max_instances < 1 or p.top_k_templates < 1:
+            errs.append("pipeline.max_instances and pipeline.top_k_templates must be >= 1")
+        t = self.templates
+        if t.crop_size < 16 or t.n_elevations < 1 or t.n_azimuths < 1 or t.n_inplane < 1:
+            errs.append("templates: crop_size >= 16 and view counts >= 1 required")
+        if errs:
+            raise InvalidInputError("invalid osop config: " + "; ".join(errs))
+
+    def mesh_path(self, obj: ObjectConfig) -> Path:
+        """Absolute path of an object's mesh."""
+        return resolve_path(obj.mesh, Path(self.base_dir) if self.base_dir else None)
+
+    def weight_path(self, stage: str) -> Path:
+        """Checkpoint path of ``stage`` (segment | match | correspond)."""
+        p = getattr(self.weights, stage)
+        if p:
+            return resolve_path(p, Path(self.base_dir) if self.base_dir else None)
+        return package_share_dir() / "weights" / f"{stage}.pt"
+
+    def template_cache_dir(self) -> Path:
+        """Where template banks are cached."""
+        return Path(self.templates.cache_dir) if self.templates.cache_dir else default_cache_dir() / "templates"
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise InvalidInputError(f"unknown key(s) in {where}: {sorted(unknown)}; allowed: {sorted(known)}")
+    kwargs = {}
+    for k, v in data.items():
+        default = known[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise InvalidInputError(f"{where}.{k} must be true/false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InvalidInputError(f"{where}.{k} must be a number, got {v!r}")
+            v = type(default)(v)
+        if isinstance(default, str) and not isinstance(v, str):
+            raise InvalidInputError(f"{where}.{k} must be a string, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> OsopConfig:
+    """Parse + validate a YAML file path or an already-loaded dict (None = all defaults)."""
+    base_dir = ""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInputError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"config file {path} must contain a mapping")
+        base_dir = str(path.resolve().parent)
+    data = dict(data)
+    objects = []
+    for i, o in enumerate(data.pop("objects", []) or []):
+        if not isinstance(o, dict):
+            raise InvalidInputError(f"objects[{i}] must be a mapping with name/mesh")
+        if "name" not in o or "mesh" not in o:
+            raise InvalidInputError(f"objects[{i}] needs 'name' and 'mesh'")
+        objects.append(_build(ObjectConfig, o, f"objects[{i}]"))
+    sections = {}
+    for key, cls in (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig)):
+        sec = data.pop(key, None) or {}
+        if not isinstance(sec, dict):
+            raise InvalidInputError(f"{key} must be a mapping")
+        sections[key] = _build(cls, sec, key)
+    top = _build(OsopConfig, {k: v for k, v in data.items()}, "config")
+    cfg = dataclasses.replace(top, objects=objects, base_dir=data.get("base_dir", base_dir) or base_dir, **sections)
+    cfg.validate()
+    return cfg
+
+
+def build_pipeline(cfg: OsopConfig | dict[str, Any] | str | None):  # noqa: ANN201 - Pipeline, imported lazily
+    """Networks + onboarded objects -> a ready Pipeline (see :mod:`osop_ros.core.factory`)."""
+    from osop_ros.core.factory import build_pipeline as _build
+
+    return _build(cfg)

@@ -1,0 +1,134 @@
+"""Build a ready :class:`~osop_ros.core.pipeline.Pipeline` from an :class:`OsopConfig`.
+
+Onboarding an object = load its mesh, load or render its template bank (content-keyed cache),
+then load or compute the network features of the bank (cached next to the bank under a key made
+of the weights' digests) so a restart costs a file read, not a re-extraction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from osop_ros.core.config import ObjectConfig, OsopConfig, load_config
+from osop_ros.core.geometry import symmetry_transforms
+from osop_ros.core.stages import OnboardedObject
+from osop_ros.core.types import Symmetries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Networks:
+    """The three stage networks on one device, plus a digest of their weights for cache keys."""
+
+    segnet: torch.nn.Module
+    matchnet: torch.nn.Module
+    corrnet: torch.nn.Module
+    device: torch.device
+    digest: str
+
+    @classmethod
+    def load(cls, cfg: OsopConfig) -> Networks:
+        from osop_ros.nets.checkpoint import file_digest, from_checkpoint, resolve_device
+
+        device = resolve_device(cfg.device)
+        if cfg.threads and device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        paths = {s: cfg.weight_path(s) for s in ("segment", "match", "correspond")}
+        nets = {
+            s: from_checkpoint(p, device, arch=a)
+            for (s, p), a in zip(paths.items(), ("segnet", "matchnet", "corrnet"), strict=True)
+        }
+        digest = "-".join(file_digest(p)[:8] for p in paths.values())
+        return cls(nets["segment"], nets["match"], nets["correspond"], device, digest)
+
+
+def symmetries_from_config(obj: ObjectConfig) -> Symmetries:
+    """``symmetries: {discrete: [[16 floats]], continuous: [{axis, offset}]}`` in metres."""
+    return Symmetries.from_bop_info(obj.symmetries or {}, unit_scale=1.0)
+
+
+@torch.no_grad()
+def extract_bank_features(bank, nets: Networks, batch: int = 256) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Per-template vectors: ``seg_o1..3`` (T, C_l) and ``match`` (T, D), float16."""
+    out: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(bank), batch):
+        rgb = torch.from_numpy(bank.rgb[s : s + batch]).to(nets.device).permute(0, 3, 1, 2).float() / 255.0
+        mask = torch.from_numpy(bank.mask[s : s + batch].astype(np.float32)).to(nets.device).unsqueeze(1)
+        for i, v in enumerate(nets.segnet.template_vectors(rgb, mask)):
+            out.setdefault(f"seg_o{i + 1}", []).append(v.cpu().numpy().astype(np.float16))
+        out.setdefault("match", []).append(nets.matchnet(rgb, mask).cpu().numpy().astype(np.float16))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def onboard_object(
+    obj_cfg: ObjectConfig, cfg: OsopConfig, nets: Networks | None, renderer_factory=None
+) -> OnboardedObject:  # noqa: ANN001
+    """Mesh -> template bank (cached) -> features (cached). Raises MeshLoadError / OsopError on bad input."""
+    from osop_ros.core.mesh import ObjectModel
+    from osop_ros.core.render import Renderer
+    from osop_ros.core.templates import TemplateCache, TemplateConfig
+    from osop_ros.core.views import ViewGridConfig
+
+    t0 = time.perf_counter()
+    sym = symmetries_from_config(obj_cfg)
+    model = ObjectModel.load(cfg.mesh_path(obj_cfg), units=obj_cfg.units, name=obj_cfg.name, symmetries=sym)
+    tc = cfg.templates
+    tcfg = TemplateConfig(
+        views=ViewGridConfig(
+            n_elevations=tc.n_elevations,
+            n_azimuths=tc.n_azimuths,
+            n_inplane=tc.n_inplane,
+            elevation_range_deg=(tc.elevation_min_deg, tc.elevation_max_deg),
+        ),
+        crop_size=tc.crop_size,
+    )
+    cache = TemplateCache(cfg.template_cache_dir())
+    bank = cache.get_or_build(model, renderer_factory or Renderer, tcfg)
+    if nets is not None:
+        fkey = f"nets-{nets.digest}"
+        directory: Path = cache.bank_dir(model, tcfg)
+        if not bank.attach_features(fkey, directory):
+            bank.features.update(extract_bank_features(bank, nets))
+            bank.save_features(directory, fkey)
+    log.info("onboarded %s: %d templates in %.1f s", obj_cfg.name, len(bank), time.perf_counter() - t0)
+    return OnboardedObject(obj_cfg.name, model, bank, symmetry_transforms(sym), obj_id=obj_cfg.obj_id)
+
+
+def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - returns Pipeline (lazy import)
+    """Load networks, onboard every configured object (a failing object is logged and skipped)."""
+    from osop_ros.core.correspondence import DenseCorrespondence
+    from osop_ros.core.matching import TemplateMatcher
+    from osop_ros.core.pipeline import Pipeline
+    from osop_ros.core.segmentation import OneShotSegmenter
+    from osop_ros.core.solver import PoseSolver, SolverConfig
+    from osop_ros.core.types import OsopError
+
+    if not isinstance(cfg, OsopConfig):
+        cfg = load_config(cfg)
+    nets = Networks.load(cfg)
+    objects = []
+    for o in cfg.objects:
+        try:
+            objects.append(onboard_object(o, cfg, nets))
+        except OsopError as exc:
+            log.error("object %s skipped: %s", o.name, exc)
+    p = cfg.pipeline
+    solver_cfg = SolverConfig(use_icp=p.icp) if "use_icp" in SolverConfig.__dataclass_fields__ else SolverConfig()
+    pipe = Pipeline(
+        objects,
+        segmenter=OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width),
+        matcher=TemplateMatcher(nets.matchnet, nets.device, top_k=p.top_k_templates),
+        correspondence=DenseCorrespondence(nets.corrnet, nets.device),
+        solver=PoseSolver(solver_cfg),
+        max_instances=p.max_instances,
+    )
+    pipe.config = cfg
+    pipe.networks = nets
+    return pipe

@@ -1,0 +1,135 @@
+"""Stage 2: template matching — nearest templates give viewpoint + in-plane rotation.
+
+The query crop (framed on the stage-1 mask exactly like templates are framed on the rendered
+mask) is embedded once and compared (cosine) with the precomputed embeddings of all templates.
+The best ``n_candidates`` viewpoints are then refined in-plane: each candidate template is rolled
+by -range..+range degrees (``rotate_inplane``) and re-embedded, so the in-plane residual drops
+from the grid's +-36 degrees to +-step/2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from osop_ros.core.geometry import CropBox
+from osop_ros.core.stages import OnboardedObject
+from osop_ros.core.types import InvalidInputError, MatchResult, Observation, SegmentationResult
+
+QUERY_PAD = 1.2  # crop side = QUERY_PAD x larger side of the mask box (templates use the same rule)
+
+
+def query_crop(
+    obs: Observation, seg: SegmentationResult, size: int, pad: float = QUERY_PAD
+) -> tuple[CropBox, np.ndarray, np.ndarray]:
+    """Crop box, rgb crop (S,S,3) u8 and mask crop (S,S) u8 of a segmented instance."""
+    if seg.box is None:
+        raise InvalidInputError("segmentation has an empty mask")
+    import cv2
+
+    box = CropBox.from_box(seg.box, pad=pad)
+    rgb = box.apply(obs.rgb, size)
+    mask = box.apply(seg.mask.astype(np.uint8), size, cv2.INTER_NEAREST)
+    return box, rgb, mask
+
+
+def _to_t(rgb: np.ndarray, mask: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.from_numpy(np.ascontiguousarray(mask)).to(device).unsqueeze(1).float()
+    return r, m
+
+
+@torch.no_grad()
+def match_templates(
+    model: torch.nn.Module,
+    q_emb: torch.Tensor,
+    bank_emb: torch.Tensor,
+    bank_rgb: np.ndarray,
+    bank_mask: np.ndarray,
+    device: torch.device,
+    top_k: int = 3,
+    n_candidates: int = 6,
+    inplane_range_deg: float = 36.0,
+    inplane_step_deg: float = 6.0,
+) -> MatchResult:
+    """Top-k (template id, in-plane roll) for one query embedding (D,) against bank_emb (T, D)."""
+    from osop_ros.nets.matchnet import rotate_inplane
+
+    sims = bank_emb.float() @ q_emb.float()
+    n_c = min(n_candidates, len(sims))
+    cand = torch.topk(sims, n_c).indices.cpu().numpy()
+    deltas = (
+        np.arange(-inplane_range_deg, inplane_range_deg + 1e-6, inplane_step_deg)
+        if inplane_step_deg > 0
+        else np.zeros(1)
+    )
+    nd = len(deltas)
+    rgb, mask = _to_t(bank_rgb[cand], bank_mask[cand].astype(np.float32), device)
+    rgb = rgb.repeat_interleave(nd, 0)
+    mask = mask.repeat_interleave(nd, 0)
+    d = torch.from_numpy(np.tile(deltas, n_c)).float().to(device)
+    rgb_r, mask_r = rotate_inplane(rgb, d), rotate_inplane(mask, d, nearest=True)
+    emb = model(rgb_r, mask_r)  # (n_c * nd, D)
+    s = (emb @ q_emb.float()).view(n_c, nd).cpu().numpy()
+    best = s.argmax(1)
+    score = s[np.arange(n_c), best]
+    order = np.argsort(-score)[:top_k]
+    return MatchResult(
+        template_ids=cand[order].astype(np.int64),
+        scores=score[order].astype(np.float32),
+        inplane_deg=deltas[best[order]].astype(np.float32),
+    )
+
+
+class TemplateMatcher:
+    """Stage 2 with a :class:`~osop_ros.nets.matchnet.MatchNet` (implements the Matcher protocol)."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        device: torch.device,
+        top_k: int = 3,
+        n_candidates: int = 6,
+        inplane_range_deg: float = 36.0,
+        inplane_step_deg: float = 6.0,
+    ) -> None:
+        self.net = net.eval()
+        self.device = device
+        self.top_k, self.n_candidates = top_k, n_candidates
+        self.inplane_range_deg, self.inplane_step_deg = inplane_range_deg, inplane_step_deg
+
+    @torch.no_grad()
+    def bank_embeddings(self, obj: OnboardedObject) -> torch.Tensor:
+        """(T, D) template embeddings on the device (from bank features when present, else computed)."""
+        if "match_emb" not in obj.extra:
+            feats = obj.bank.features.get("match")
+            if feats is None:
+                out = []
+                for s in range(0, len(obj.bank), 256):
+                    r, m = _to_t(obj.bank.rgb[s : s + 256], obj.bank.mask[s : s + 256].astype(np.float32), self.device)
+                    out.append(self.net(r, m))
+                emb = torch.cat(out)
+                obj.bank.features["match"] = emb.cpu().numpy().astype(np.float16)
+            else:
+                emb = torch.from_numpy(feats.astype(np.float32)).to(self.device)
+            obj.extra["match_emb"] = emb
+        return obj.extra["match_emb"]
+
+    @torch.no_grad()
+    def __call__(self, obs: Observation, seg: SegmentationResult, obj: OnboardedObject) -> MatchResult:
+        S = obj.bank.crop_size
+        _, rgb, mask = query_crop(obs, seg, S)
+        r, m = _to_t(rgb[None], mask[None].astype(np.float32), self.device)
+        q = self.net(r, m)[0]
+        return match_templates(
+            self.net,
+            q,
+            self.bank_embeddings(obj),
+            obj.bank.rgb,
+            obj.bank.mask,
+            self.device,
+            self.top_k,
+            self.n_candidates,
+            self.inplane_range_deg,
+            self.inplane_step_deg,
+        )

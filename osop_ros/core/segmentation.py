@@ -1,0 +1,89 @@
+"""Stage 1: one-shot segmentation of a queried object with :class:`~osop_ros.nets.segnet.SegNet`."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from osop_ros.core.geometry import mask_to_box
+from osop_ros.core.stages import OnboardedObject
+from osop_ros.core.types import Observation, SegmentationResult
+
+
+def coarse_view_subset(view_index: np.ndarray, n_target: int = 48) -> np.ndarray:
+    """Indices of an evenly strided subset of viewpoints (in-plane index 0) of about ``n_target`` views."""
+    base = np.nonzero(view_index[:, 2] == 0)[0]
+    if len(base) <= n_target:
+        return base
+    step = len(base) / n_target
+    return base[(np.arange(n_target) * step).astype(int)]
+
+
+class OneShotSegmenter:
+    """Image + the object's template vectors -> instance masks (connected components), best first.
+
+    The network runs at ``input_width`` (aspect kept); probabilities are resized back to the full
+    image. Template vectors of a strided subset of ``n_templates`` views (about what the network
+    saw per query in training) are computed once per object and cached on the device.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        device: torch.device,
+        input_width: int = 320,
+        threshold: float = 0.5,
+        n_templates: int = 48,
+        min_area_frac: float = 2e-4,
+    ) -> None:
+        self.net = net.eval()
+        self.device = device
+        self.input_width = input_width
+        self.threshold = threshold
+        self.n_templates = n_templates
+        self.min_area_frac = min_area_frac
+
+    @torch.no_grad()
+    def template_vectors(self, obj: OnboardedObject) -> list[torch.Tensor]:
+        """[(1, K, C_l)] on the device, cached in ``obj.extra``; bank features ``seg_o{l}`` are reused."""
+        if "seg_tvecs" not in obj.extra:
+            bank = obj.bank
+            sel = coarse_view_subset(bank.view_index, self.n_templates)
+            feats = bank.features
+            if all(f"seg_o{i + 1}" in feats for i in range(self.net.cfg.n_attention)):
+                vecs = [
+                    torch.from_numpy(feats[f"seg_o{i + 1}"][sel].astype(np.float32)).to(self.device)
+                    for i in range(self.net.cfg.n_attention)
+                ]
+            else:
+                rgb = torch.from_numpy(bank.rgb[sel]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+                mask = torch.from_numpy(bank.mask[sel].astype(np.float32)).to(self.device).unsqueeze(1)
+                vecs = self.net.template_vectors(rgb, mask)
+            obj.extra["seg_tvecs"] = [v.unsqueeze(0) for v in vecs]
+        return obj.extra["seg_tvecs"]
+
+    @torch.no_grad()
+    def probability(self, obs: Observation, obj: OnboardedObject) -> np.ndarray:
+        """(H, W) float32 foreground probability of ``obj`` at full image resolution."""
+        H, W = obs.rgb.shape[:2]
+        w = self.input_width
+        h = max(32, round(H * w / W))
+        small = cv2.resize(obs.rgb, (w, h), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(small).to(self.device).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        prob = torch.sigmoid(self.net(x, self.template_vectors(obj)))[0, 0].cpu().numpy()
+        return cv2.resize(prob, (W, H), interpolation=cv2.INTER_LINEAR)
+
+    def __call__(self, obs: Observation, obj: OnboardedObject) -> list[SegmentationResult]:
+        prob = self.probability(obs, obj)
+        fg = (prob >= self.threshold).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+        min_area = self.min_area_frac * fg.size
+        out = []
+        for i in range(1, n):
+            if stats[i, cv2.CC_STAT_AREA] < min_area:
+                continue
+            m = labels == i
+            out.append(SegmentationResult(mask=m, prob=prob, box=mask_to_box(m), score=float(prob[m].mean())))
+        out.sort(key=lambda s: -s.score * np.sqrt(s.mask.sum()))
+        return out

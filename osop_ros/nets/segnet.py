@@ -1,0 +1,127 @@
+"""Stage 1: one-shot segmentation network (OSOP Sec. 3.2).
+
+A U-Net whose encoder is modulated, after each of its first three stages, by a pixel-wise
+attention block that correlates (Pearson) every image feature vector with the per-template
+vectors ``o1, o2, o3`` of the queried object. Template vectors come from the same encoder applied
+to the rendered template crops, averaged spatially over the template mask, so a 2880-view
+dictionary costs only ``2880 x (c1 + c2 + c3)`` numbers (fp16 on disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osop_ros.nets.backbone import ResNet, ResNetConfig, UNetDecoder, norm
+
+
+@dataclass
+class SegNetConfig:
+    """Architecture of :class:`SegNet`."""
+
+    backbone: ResNetConfig = field(default_factory=ResNetConfig)
+    dec_channels: tuple[int, ...] = (96, 64, 32)
+    n_attention: int = 3  # attention after encoder stages 0..n-1
+    topk: int = 8
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        d["dec_channels"] = list(self.dec_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegNetConfig:
+        d = dict(d)
+        d["backbone"] = ResNetConfig.from_dict(d["backbone"])
+        d["dec_channels"] = tuple(d["dec_channels"])
+        return cls(**d)
+
+
+def pearson_correlation(f: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of pixel features with template vectors.
+
+    f: (B, C, H, W) image features; o: (B, K, C) template vectors -> (B, K, H, W) in [-1, 1].
+    """
+    fc = f - f.mean(dim=1, keepdim=True)
+    fc = fc / (fc.norm(dim=1, keepdim=True) + 1e-6)
+    oc = o - o.mean(dim=-1, keepdim=True)
+    oc = oc / (oc.norm(dim=-1, keepdim=True) + 1e-6)
+    return torch.einsum("bchw,bkc->bkhw", fc, oc)
+
+
+class PearsonAttention(nn.Module):
+    """Injects template correlation statistics (max, top-k mean, mean over templates) into features."""
+
+    def __init__(self, c: int, topk: int) -> None:
+        super().__init__()
+        self.topk = topk
+        self.att = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(16, 1, 3, 1, 1))
+        self.fuse = nn.Sequential(nn.Conv2d(c + 3, c, 1, bias=False), norm(c))
+
+    def forward(self, f: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        corr = pearson_correlation(f, o)  # (B, K, H, W)
+        k = min(self.topk, corr.shape[1])
+        stats = torch.stack(
+            [corr.max(dim=1).values, corr.topk(k, dim=1).values.mean(dim=1), corr.mean(dim=1)], dim=1
+        )  # (B, 3, H, W)
+        a = torch.sigmoid(self.att(stats))
+        return F.relu(f + self.fuse(torch.cat([f * a, stats], dim=1)))
+
+
+class SegNet(nn.Module):
+    """One-shot segmentation: image + template vectors of one object -> mask logits."""
+
+    arch = "segnet"
+
+    def __init__(self, cfg: SegNetConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or SegNetConfig()
+        self.encoder = ResNet(self.cfg.backbone)
+        chans = self.encoder.out_channels
+        self.attention = nn.ModuleList(PearsonAttention(chans[i], self.cfg.topk) for i in range(self.cfg.n_attention))
+        self.decoder = UNetDecoder(chans, list(self.cfg.dec_channels))
+        self.head = nn.Conv2d(self.decoder.out_channels, 1, 1)
+
+    def template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per-template vectors ``o1..on``.
+
+        rgb: (T, 3, S, S) float in [0, 1] (normalised inside); mask: (T, 1, S, S) float {0, 1}.
+        Returns n tensors (T, C_l): features averaged over the (downsampled) template mask.
+        """
+        x = normalize_rgb(rgb * mask)
+        feats = []
+        h = self.encoder.stem(x)
+        for stage in self.encoder.stages[: self.cfg.n_attention]:
+            h = stage(h)
+            m = F.interpolate(mask, size=h.shape[-2:], mode="area")
+            feats.append((h * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-3))
+        return feats
+
+    def forward(self, rgb: torch.Tensor, tvecs: list[torch.Tensor]) -> torch.Tensor:
+        """rgb: (B, 3, H, W) in [0, 1]; tvecs[l]: (B, K, C_l) -> logits (B, 1, H, W)."""
+        h = self.encoder.stem(normalize_rgb(rgb))
+        feats = []
+        for i, stage in enumerate(self.encoder.stages):
+            h = stage(h)
+            if i < self.cfg.n_attention:
+                h = self.attention[i](h, tvecs[i])
+            feats.append(h)
+        y = self.head(self.decoder(feats))
+        return F.interpolate(y, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def normalize_rgb(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB -> roughly zero-mean unit-variance."""
+    return (x - 0.45) / 0.25
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per sample, averaged. logits/target: (B, 1, H, W)."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return (1.0 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()

@@ -1,0 +1,1 @@
+"""Thin ROS 2 adapter over :mod:`osop_ros.core` (the only place that imports rclpy)."""

@@ -1,0 +1,128 @@
+"""In-memory training data (shards from :mod:`osop_ros.train.prepare`) and batched torch augmentation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from osop_ros.core.types import InvalidInputError
+
+
+def load_shards(directory: Path, prefix: str) -> dict[str, np.ndarray]:
+    """Concatenate every ``<prefix>-NNNN.npz`` in ``directory`` (no pickle)."""
+    files = sorted(directory.glob(f"{prefix}-*.npz"))
+    files = [f for f in files if ".tmp" not in f.name]
+    if not files:
+        raise InvalidInputError(f"no {prefix}-*.npz shards in {directory} (run `osop train prepare` first)")
+    parts: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        with np.load(f, allow_pickle=False) as z:
+            for k in z.files:
+                parts.setdefault(k, []).append(z[k])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_objects(directory: Path) -> dict[str, np.ndarray]:
+    """Mini template banks: obj_id (O,), rgb (O,V,S,S,3) u8, mask (O,V,S,S) u8, R (O,V,3,3), center, diameter."""
+    path = directory / "objects.npz"
+    if not path.exists():
+        raise InvalidInputError(f"missing {path} (run `osop train prepare` first)")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def to_tensor_rgb(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def to_tensor_mask(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(B, H, W) {0,1} -> (B, 1, H, W) float."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device).unsqueeze(1).float()
+
+
+def color_jitter(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3) -> torch.Tensor:
+    """Per-sample brightness/contrast/saturation/hue-ish channel gains + noise. x: (B, 3, H, W) in [0, 1]."""
+    b = x.shape[0]
+    dev = x.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(b, *shape, generator=gen).to(dev) * (hi - lo) + lo
+
+    s = strength
+    x = x * u(1 - s, 1 + s, 1, 1, 1) + u(-s / 3, s / 3, 1, 1, 1)  # brightness (gain, offset)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * u(1 - s, 1 + s, 1, 1, 1) + mean  # contrast
+    grey = x.mean(dim=1, keepdim=True)
+    x = (x - grey) * u(1 - s, 1 + s, 1, 1, 1) + grey  # saturation
+    x = x * u(1 - s / 3, 1 + s / 3, 3, 1, 1)  # colour cast
+    x = x + torch.randn(x.shape, generator=gen).to(dev) * u(0.0, 0.04, 1, 1, 1)  # sensor noise
+    return x.clamp(0, 1)
+
+
+def random_blur(x: torch.Tensor, gen: torch.Generator, p: float = 0.3) -> torch.Tensor:
+    """Box-ish blur (3x3 average) on a random subset of the batch."""
+    sel = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1).float()
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return sel * blurred + (1 - sel) * x
+
+
+def affine_grid(
+    b: int,
+    size: int,
+    gen: torch.Generator,
+    max_rot_deg: float,
+    max_scale: float,
+    max_shift: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """Random similarity transforms as a sampling grid (B, S, S, 2) for ``grid_sample``."""
+    ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(max_rot_deg)
+    sc = 1 + (torch.rand(b, generator=gen) * 2 - 1) * max_scale
+    sh = (torch.rand(b, 2, generator=gen) * 2 - 1) * max_shift * 2
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, sh[:, 0]], 1), torch.stack([sin, cos, sh[:, 1]], 1)], 1)
+    return F.affine_grid(theta.to(device), [b, 1, size, size], align_corners=False)
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """Sample (B, C, S, S) with a grid; zeros outside."""
+    return F.grid_sample(x, grid, mode="nearest" if nearest else "bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mask_noise(m: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tensor:
+    """Randomly dilate or erode each mask by up to ``max_px`` pixels (imperfect stage-1 masks). m: (B,1,H,W)."""
+    out = []
+    for i in range(m.shape[0]):
+        r = int(torch.randint(-max_px, max_px + 1, (1,), generator=gen))
+        mi = m[i : i + 1]
+        if r > 0:
+            mi = F.max_pool2d(mi, 2 * r + 1, 1, r)
+        elif r < 0:
+            mi = -F.max_pool2d(-mi, -2 * r + 1, 1, -r)
+        out.append(mi)
+    return torch.cat(out)
+
+
+def random_cutout(
+    x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, p: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occlude a random rectangle (filled with noise) in a subset of samples; updates masks accordingly."""
+    b, _, h, w = x.shape
+    x, m = x.clone(), m.clone()
+    for i in range(b):
+        if float(torch.rand(1, generator=gen)) >= p:
+            continue
+        ch, cw = (
+            int(h * (0.2 + 0.3 * float(torch.rand(1, generator=gen)))),
+            int(w * (0.2 + 0.3 * float(torch.rand(1, generator=gen)))),
+        )
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        x[i, :, y0 : y0 + ch, x0 : x0 + cw] = torch.rand(3, 1, 1, generator=gen).to(x.device)
+        m[i, :, y0 : y0 + ch, x0 : x0 + cw] = 0
+    return x, m

@@ -1,0 +1,185 @@
+"""Stage 2 training: contrastive template matching with rotation-aware soft targets.
+
+Batches are grouped by object: Q query crops of an object, their paired templates (rendered at
+their own, slightly perturbed viewpoints) and V random views of the same object's mini bank as
+hard negatives, plus every other group's templates as easy negatives. Each query's target
+distribution over all templates in the batch is ``exp(-angle^2 / 2 sigma^2)`` over same-object
+templates (0 elsewhere), so near-identical views are not pushed apart. Why not the autoencoder
+(bootstrapped L2) reading: see ``weights/match.md`` (measured on held-out objects).
+
+Validation: held-out objects get a coarse bank (8 x 18 x 5 views); top-1 template after in-plane
+refinement (the runtime procedure of :class:`osop_ros.core.matching.TemplateMatcher`) -> median
+rotation error and share within 15 degrees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from osop_ros.nets.matchnet import MatchNet, MatchNetConfig
+from osop_ros.train.data import (
+    affine_grid,
+    color_jitter,
+    load_objects,
+    load_shards,
+    mask_noise,
+    random_blur,
+    random_cutout,
+    to_tensor_mask,
+    to_tensor_rgb,
+    warp,
+)
+
+
+def rotation_angles_deg(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
+    """Pairwise geodesic angles: Ra (N,3,3), Rb (M,3,3) -> (N, M) degrees."""
+    tr = np.einsum("nij,mij->nm", Ra, Rb)
+    return np.degrees(np.arccos(np.clip((tr - 1) / 2, -1, 1)))
+
+
+class MatchTask:
+    """Plugs stage 2 into :func:`osop_ros.train.common.run_training`."""
+
+    metric = "median_rot_err_deg"
+    higher_is_better = False
+
+    def __init__(
+        self, train_dir: Path, val_dir: Path, batch_size: int, model_cfg: dict[str, Any], opts: dict[str, Any]
+    ) -> None:
+        self.train = load_shards(train_dir, "instances")
+        self.tobj = load_objects(train_dir)
+        self.t_index = {int(o): i for i, o in enumerate(self.tobj["obj_id"])}
+        self.by_obj: dict[int, np.ndarray] = {}
+        for oid in np.unique(self.train["obj_id"]):
+            if int(oid) in self.t_index:
+                self.by_obj[int(oid)] = np.nonzero(self.train["obj_id"] == oid)[0]
+        self.objs = sorted(self.by_obj)
+        self.groups = max(1, batch_size // 4)
+        self.q_per = int(opts.get("queries_per_object", 4))
+        self.v_neg = int(opts.get("views_per_object", 12))
+        self.sigma = float(opts.get("sigma_deg", 10.0))
+        self.model_cfg = model_cfg
+        self.gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
+        self.val_dir = val_dir
+        self.meshes_dir = Path(opts.get("meshes_dir", "~/.cache/osop/data/meshes")).expanduser()
+        self.n_val_objects = int(opts.get("val_objects", 16))
+        self.max_val = int(opts.get("max_val", 300))
+        self._val: dict[str, Any] | None = None
+
+    def build_model(self) -> nn.Module:
+        return MatchNet(
+            MatchNetConfig.from_dict({**MatchNetConfig().to_dict(), **self.model_cfg}) if self.model_cfg else None
+        )
+
+    def _embed(self, model: nn.Module, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(rgb, mask)
+
+    def step(self, model: nn.Module, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        objs = rng.choice(self.objs, size=min(self.groups, len(self.objs)), replace=False)
+        q_idx, q_obj, t_rgb, t_mask, t_R, t_obj = [], [], [], [], [], []
+        for oid in objs:
+            inst = self.by_obj[int(oid)]
+            sel = rng.choice(inst, size=min(self.q_per, len(inst)), replace=False)
+            q_idx.extend(sel.tolist())
+            q_obj.extend([oid] * len(sel))
+            t_rgb.append(self.train["t_rgb"][sel])
+            t_mask.append(self.train["t_mask"][sel])
+            t_R.append(self.train["R_t"][sel])
+            t_obj.extend([oid] * len(sel))
+            row = self.t_index[int(oid)]
+            views = rng.choice(self.tobj["rgb"].shape[1], size=self.v_neg, replace=False)
+            t_rgb.append(self.tobj["rgb"][row, views])
+            t_mask.append(self.tobj["mask"][row, views])
+            t_R.append(self.tobj["R"][row, views])
+            t_obj.extend([oid] * self.v_neg)
+        q_idx_a = np.array(q_idx)
+        S = self.train["q_rgb"].shape[1]
+        q_rgb = to_tensor_rgb(self.train["q_rgb"][q_idx_a], device)
+        q_mask = to_tensor_mask(self.train["q_mask"][q_idx_a], device)
+        grid = affine_grid(len(q_idx_a), S, self.gen, 0.0, 0.08, 0.05, device)  # no rotation: it changes the label
+        q_rgb, q_mask = warp(q_rgb, grid), warp(q_mask, grid, nearest=True)
+        q_rgb = random_blur(color_jitter(q_rgb, self.gen), self.gen)
+        q_rgb, q_mask = random_cutout(q_rgb, q_mask, self.gen, p=0.2)
+        q_mask = mask_noise(q_mask, self.gen)
+        tr = to_tensor_rgb(np.concatenate(t_rgb), device)
+        tm = to_tensor_mask(np.concatenate(t_mask), device)
+        eq = self._embed(model, q_rgb, q_mask)
+        et = self._embed(model, color_jitter(tr, self.gen, 0.05), tm)
+        ang = rotation_angles_deg(self.train["R_q"][q_idx_a], np.concatenate(t_R))
+        same = np.array(q_obj)[:, None] == np.array(t_obj)[None, :]
+        target = np.where(same, np.exp(-0.5 * (ang / self.sigma) ** 2), 0.0)
+        target = target / target.sum(1, keepdims=True).clip(1e-8)
+        net = model.module if hasattr(model, "module") else model
+        logits = net.logit_scale.exp().clamp(max=100) * eq @ et.T
+        loss = -(torch.from_numpy(target).float().to(device) * logits.log_softmax(1)).sum(1).mean()
+        with torch.no_grad():
+            top1 = ang[np.arange(len(q_idx_a)), logits.argmax(1).cpu().numpy()]
+        return {"loss": loss, "top1_angle": torch.tensor(float(np.median(top1)))}
+
+    def _build_val(self) -> dict[str, Any]:
+        from osop_ros.core.mesh import ObjectModel
+        from osop_ros.core.render import Renderer
+        from osop_ros.core.templates import TemplateBank, TemplateConfig
+        from osop_ros.core.views import ViewGridConfig
+
+        val = load_shards(self.val_dir, "instances")
+        oids = [int(o) for o in np.unique(val["obj_id"])][: self.n_val_objects]
+        cfg = TemplateConfig(
+            views=ViewGridConfig(n_elevations=8, n_azimuths=18, n_inplane=5, elevation_range_deg=(-90.0, 90.0)),
+            crop_size=val["q_rgb"].shape[1],
+        )
+        banks = {}
+        with Renderer() as r:
+            for oid in oids:
+                model = ObjectModel.load(self.meshes_dir / "models" / f"obj_{oid:06d}.ply", units="mm")
+                banks[oid] = TemplateBank.build(model, r, cfg, progress=False)
+        keep = np.nonzero(np.isin(val["obj_id"], oids))[0][: self.max_val]
+        return {"val": {k: v[keep] for k, v in val.items()}, "banks": banks}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        from osop_ros.core.matching import match_templates
+
+        if self._val is None:
+            self._val = self._build_val()
+        val, banks = self._val["val"], self._val["banks"]
+        errs = []
+        for oid, bank in banks.items():
+            emb = embed_bank(model, bank.rgb, bank.mask, device)
+            idx = np.nonzero(val["obj_id"] == oid)[0]
+            if len(idx) == 0:
+                continue
+            q = model(to_tensor_rgb(val["q_rgb"][idx], device), to_tensor_mask(val["q_mask"][idx], device))
+            for j, i in enumerate(idx):
+                res = match_templates(model, q[j], emb, bank.rgb, bank.mask, device, top_k=1)
+                R = bank.poses[res.template_ids[0], :3, :3]
+                d = np.radians(res.inplane_deg[0])
+                Rz = np.array([[np.cos(d), -np.sin(d), 0], [np.sin(d), np.cos(d), 0], [0, 0, 1]])
+                errs.append(float(rotation_angles_deg(val["R_q"][i][None].astype(np.float64), (Rz @ R)[None])[0, 0]))
+        e = np.array(errs)
+        return {
+            "median_rot_err_deg": float(np.median(e)) if len(e) else 180.0,
+            "within_15deg": float((e < 15).mean()) if len(e) else 0.0,
+            "n": float(len(e)),
+        }
+
+
+@torch.no_grad()
+def embed_bank(
+    model: nn.Module, rgb: np.ndarray, mask: np.ndarray, device: torch.device, batch: int = 256
+) -> torch.Tensor:
+    """Embeddings (T, D) of template crops rgb (T,S,S,3) u8, mask (T,S,S)."""
+    out = []
+    for s in range(0, len(rgb), batch):
+        out.append(
+            model(
+                to_tensor_rgb(rgb[s : s + batch], device),
+                to_tensor_mask(mask[s : s + batch].astype(np.float32), device),
+            )
+        )
+    return torch.cat(out)
