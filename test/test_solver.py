@@ -311,7 +311,7 @@ def test_pose_solver_rgb_ranks_good_set_first(box_model: ObjectModel) -> None:
     assert best.score > hyps[1].score
     dr, dt = _errors(best.T_cam_obj, T)
     assert dr < 2.0 and dt < 0.005
-    assert any("set 1" in r for r in best.info["failed_sets"])
+    assert any("set 1" in r for r in best.info["failed"])
 
 
 def test_pose_solver_rgbd_kabsch_and_icp(l_model: ObjectModel) -> None:
@@ -335,12 +335,14 @@ def test_pose_solver_rgbd_kabsch_and_icp(l_model: ObjectModel) -> None:
     out = rng.random(400) < 0.3
     pts[out] = rng.uniform(-0.05, 0.05, size=(out.sum(), 3))
     corr = Correspondences(uv, pts, np.ones(400, np.float32))
-    hyps = PoseSolver()(obs, _seg(mask), [corr], _onboard(l_model))
-    h = hyps[0]
-    assert h.info["method"] == "kabsch" and h.info["icp_accepted"], h.info
-    dr, dt = _errors(h.T_cam_obj, T)
-    assert dr < 1.0 and dt < 0.002, (dr, dt)
-    assert h.score > 0.8
+    for init in ("kabsch", "pnp", "both"):
+        hyps = PoseSolver(SolverConfig(rgbd_init=init))(obs, _seg(mask), [corr], _onboard(l_model))
+        h = hyps[0]
+        assert h.info["icp_accepted"], h.info
+        assert h.info["method"] == {"kabsch": "kabsch", "pnp": "pnp+depth"}.get(init, h.info["method"])
+        dr, dt = _errors(h.T_cam_obj, T)
+        assert dr < 1.0 and dt < 0.002, (init, dr, dt)
+        assert h.score > 0.8
 
 
 def test_pose_solver_failures(box_model: ObjectModel) -> None:
@@ -363,3 +365,35 @@ def test_pose_solver_failures(box_model: ObjectModel) -> None:
     wrong = _synthetic_corrs(box_model, _perturb(T, 60.0, 0.05, rng), rng, outliers=0.0)
     with pytest.raises(PoseFailure, match="min_score"):
         PoseSolver(SolverConfig(min_score=0.5))(obs, _seg(mask), [wrong], obj)
+
+
+def test_depth_shift_recovers_distance(box_model: ObjectModel) -> None:
+    from osop_ros.core.solver import depth_shift
+
+    rng = np.random.default_rng(10)
+    T = _pose(rng, dist=0.5)
+    depth = _box_depth(T)
+    T_far = T.copy()
+    T_far[:3, 3] *= 1.06  # same image position, 3 cm further away
+    pts, nrm = box_model.sample_surface(2000, seed=0)
+    out = depth_shift(T_far, pts, nrm, K, depth > 0, depth)
+    assert out is not None
+    T_new, dz = out
+    assert dz == pytest.approx(-0.03, abs=0.003)
+    assert np.linalg.norm(T_new[:3, 3] - T[:3, 3]) < 0.003
+    assert depth_shift(T_far, pts, nrm, K, depth > 0, np.zeros_like(depth)) is None
+
+
+def test_pose_solver_rgbd_without_depth_at_correspondences(box_model: ObjectModel) -> None:
+    """Depth image present but empty: Kabsch fails with a reason, PnP is used, ICP is not accepted."""
+    rng = np.random.default_rng(11)
+    T = _pose(rng, dist=0.5)
+    mask = _box_depth(T) > 0
+    obs = Observation(np.zeros((480, 640, 3), np.uint8), CAM, np.zeros((480, 640), np.float32))
+    hyps = PoseSolver()(obs, _seg(mask), [_synthetic_corrs(box_model, T, rng)], _onboard(box_model))
+    h = hyps[0]
+    assert h.info["method"] == "pnp" and not h.info["icp_accepted"]
+    assert "too few depth points" in h.info["icp_reason"]
+    assert any("kabsch: only 0 correspondences with depth" in r for r in h.info["failed"])
+    dr, dt = _errors(h.T_cam_obj, T)
+    assert dr < 2.0 and dt < 0.005

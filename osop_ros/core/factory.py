@@ -120,7 +120,7 @@ def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - retur
         except OsopError as exc:
             log.error("object %s skipped: %s", o.name, exc)
     p = cfg.pipeline
-    solver_cfg = SolverConfig(use_icp=p.icp) if "use_icp" in SolverConfig.__dataclass_fields__ else SolverConfig()
+    solver_cfg = SolverConfig(icp=p.icp)
     pipe = Pipeline(
         objects,
         segmenter=OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width),

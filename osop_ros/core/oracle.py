@@ -19,7 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 
 from osop_ros.core.geometry import CropBox, mask_to_box, transform_points
@@ -78,7 +77,7 @@ class OracleFrame:
         self.gts: list[tuple[int, np.ndarray]] | None = None
         self.mask_visib: list[np.ndarray | None] | None = None
         self._masks: list[np.ndarray] | None = None
-        self._mask_key: tuple[int, int, int] | None = None
+        self._mask_key: tuple[int, int, int, bool] | None = None
         self._frame_counter = 0
 
     def set_frame(
@@ -105,7 +104,7 @@ class OracleFrame:
         """(H, W) bool visible mask of every GT instance of the current frame (cached per frame)."""
         gts = self._require()
         h, w = obs.rgb.shape[:2]
-        key = (self._frame_counter, h, w)
+        key = (self._frame_counter, h, w, obs.depth is not None)
         if self._masks is not None and self._mask_key == key:
             return self._masks
         if self.mask_visib is not None and all(m is not None for m in self.mask_visib):
@@ -149,17 +148,16 @@ class OracleFrame:
             return None
         if len(cand) == 1:
             return cand[0]
-        if obs is not None:
-            vis = self.visible_masks(obs)
-            ious = []
-            for i in cand:
-                inter = np.count_nonzero(vis[i] & mask)
-                union = np.count_nonzero(vis[i] | mask)
-                ious.append(inter / union if union else 0.0)
-            if max(ious) > 0:
-                return cand[int(np.argmax(ious))]
         if obs is None:
-            raise OracleError("cannot associate a mask to a GT instance without the observation")
+            raise OracleError("cannot associate a mask to one of several GT instances without the observation")
+        vis = self.visible_masks(obs)
+        ious = []
+        for i in cand:
+            inter = np.count_nonzero(vis[i] & mask)
+            union = np.count_nonzero(vis[i] | mask)
+            ious.append(inter / union if union else 0.0)
+        if max(ious) > 0:
+            return cand[int(np.argmax(ious))]
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:
             return cand[0]
@@ -206,21 +204,26 @@ class OracleSegmenter:
 
 
 class OracleMatcher:
-    """ORACLE stage 2: the ``top_k`` templates nearest in rotation to the GT instance shown by the mask.
+    """ORACLE stage 2: the ``top_k`` templates nearest to the GT instance shown by the mask, with the exact
+    in-plane residual.
 
     The GT rotation is first corrected for the off-axis viewing direction (templates look at the object
     centre; a crop of an off-centre object looks like a view rotated by the smallest rotation that brings
-    the centre onto the optical axis). Symmetry-aware via ``obj.sym_Ts``. Scores are cos(angle).
+    the centre onto the optical axis). For every template the residual roll about the optical axis is
+    solved in closed form (``R_view ~ Rz(inplane) @ R_template``, the convention of
+    :attr:`MatchResult.inplane_deg` used by ``rotate_inplane``) and templates are ranked by the rotation
+    error left after it (the out-of-plane error), symmetry-aware via ``obj.sym_Ts``. Scores are cos(error).
     """
 
     is_oracle = True
     name = "oracle-viewpoint"
 
-    def __init__(self, frame: OracleFrame, top_k: int = 1) -> None:
+    def __init__(self, frame: OracleFrame, top_k: int = 1, inplane: bool = True) -> None:
         if top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
         self.frame = frame
         self.top_k = top_k
+        self.inplane = inplane
 
     def set_frame(
         self, gts: Sequence[tuple[int, np.ndarray]], mask_visib: Sequence[np.ndarray | None] | None = None
@@ -234,14 +237,31 @@ class OracleMatcher:
         return rotation_to_optical_axis(c) @ T_cam_obj[:3, :3]
 
     @staticmethod
-    def rotation_errors_deg(R: np.ndarray, R_templates: np.ndarray, sym_Ts: Sequence[np.ndarray]) -> np.ndarray:
-        """(T,) min over symmetries S of angle(R @ S_R, R_template)."""
-        Rs = np.stack([R @ np.asarray(S)[:3, :3] for S in (sym_Ts or [np.eye(4)])])  # (S, 3, 3)
-        cos = np.full(len(R_templates), -1.0)
-        for lo in range(0, len(Rs), 64):
-            tr = np.einsum("sij,tij->ts", Rs[lo : lo + 64], R_templates)
-            cos = np.maximum(cos, tr.max(axis=1))
-        return np.degrees(np.arccos(np.clip((cos - 1.0) / 2.0, -1.0, 1.0)))
+    def rotation_errors_deg(
+        R: np.ndarray, R_templates: np.ndarray, sym_Ts: Sequence[np.ndarray], inplane: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per template: (error_deg (T,), inplane_deg (T,)), minimised over symmetries S.
+
+        With ``inplane``: error = min over theta of angle(R @ S_R, Rz(theta) @ R_template), theta returned;
+        else the plain angle and theta = 0.
+        """
+        best_cos = np.full(len(R_templates), -np.inf)
+        best_theta = np.zeros(len(R_templates))
+        for S in sym_Ts or [np.eye(4)]:
+            Rg = R @ np.asarray(S, dtype=np.float64)[:3, :3]
+            Rres = np.einsum("ij,tkj->tik", Rg, R_templates)  # Rg @ R_t^T
+            if inplane:
+                a = Rres[:, 0, 0] + Rres[:, 1, 1]
+                b = Rres[:, 1, 0] - Rres[:, 0, 1]
+                theta = np.arctan2(b, a)
+                cos = (np.hypot(a, b) + Rres[:, 2, 2] - 1.0) / 2.0
+            else:
+                theta = np.zeros(len(R_templates))
+                cos = (np.trace(Rres, axis1=1, axis2=2) - 1.0) / 2.0
+            better = cos > best_cos
+            best_cos = np.where(better, cos, best_cos)
+            best_theta = np.where(better, theta, best_theta)
+        return np.degrees(np.arccos(np.clip(best_cos, -1.0, 1.0))), np.degrees(best_theta)
 
     def __call__(self, obs: Observation, seg: SegmentationResult, obj: OnboardedObject) -> MatchResult:
         g = self.frame.associate(obj.obj_id, seg.mask, obs)
@@ -249,25 +269,25 @@ class OracleMatcher:
             raise OracleError(f"oracle matcher: object {obj.obj_id} has no GT instance in this frame")
         T_gt = self.frame._require()[g][1]
         R_view = self.view_rotation(T_gt, obj.model.center)
-        err = self.rotation_errors_deg(R_view, obj.bank.poses[:, :3, :3], obj.sym_Ts)
+        err, theta = self.rotation_errors_deg(R_view, obj.bank.poses[:, :3, :3], obj.sym_Ts, self.inplane)
         k = min(self.top_k, len(err))
         ids = np.argsort(err, kind="stable")[:k]
         return MatchResult(
             template_ids=ids.astype(np.int64),
             scores=np.cos(np.radians(err[ids])).astype(np.float32),
-            inplane_deg=np.zeros(k, dtype=np.float32),
+            inplane_deg=theta[ids].astype(np.float32),
         )
 
 
 class TemplateTransferCorrespondences:
-    """Stage 3 without learning: 2D-3D pairs by overlaying the matched template crop on the query crop.
+    """Stage 3 without learning: 2D-3D pairs by overlaying the matched template on the query mask.
 
-    The query crop is the square :class:`CropBox` around the mask box with the bank's ``pad`` (templates
-    are framed the same way around the projected model), so template crop pixel (u, v) maps to query crop
-    pixel (u, v). Pairs: template-mask pixels inside the resampled query mask; ``pts_obj`` = template
-    model coordinates, ``uv`` = the crop pixel mapped back to the full image; conf = 1.
-    A non-zero ``match.inplane_deg`` rotates the template crop about its centre by that angle
-    (counter-clockwise in the image, as ``cv2.getRotationMatrix2D``) before the overlay.
+    Template-mask pixels are rolled by ``match.inplane_deg`` about the template crop centre (the
+    convention of ``rotate_inplane``: ``(x, y) -> R2(theta) (x, y)`` with y down), then the square crop
+    around their bounding box (the bank's ``pad``) is aligned with the square crop around the query mask
+    box (templates and queries are framed the same way), so normalised crop coordinates coincide. Pairs:
+    template pixels landing inside the query mask; ``pts_obj`` = the template's model coordinates at the
+    pixel, ``uv`` = the corresponding full-image pixel; conf = 1. No resampling of either image.
     """
 
     is_oracle = False
@@ -288,22 +308,27 @@ class TemplateTransferCorrespondences:
         S = bank.crop_size
         cfg = bank.config
         pad = cfg.pad if cfg is not None else 1.2
-        crop = CropBox.from_box(seg.box, pad=pad)
-        qmask = crop.apply(seg.mask.astype(np.uint8), S, interp=cv2.INTER_NEAREST) > 0
+        q_crop = CropBox.from_box(seg.box, pad=pad)
+        H, W = seg.mask.shape
+        c = (S - 1) / 2.0
         out = []
         for j, tid in enumerate(np.asarray(match.template_ids)[: self.n_templates]):
-            tmask = bank.mask[int(tid)]
-            txyz = bank.xyz[int(tid)].astype(np.float32)
-            ang = float(match.inplane_deg[j]) if len(match.inplane_deg) > j else 0.0
-            if abs(ang) > 1e-6:
-                A = cv2.getRotationMatrix2D(((S - 1) / 2.0, (S - 1) / 2.0), ang, 1.0)
-                tmask = cv2.warpAffine(tmask.astype(np.uint8), A, (S, S), flags=cv2.INTER_NEAREST) > 0
-                txyz = cv2.warpAffine(txyz, A, (S, S), flags=cv2.INTER_NEAREST)
-            both = tmask & qmask
-            vs, us = np.nonzero(both)
-            uv = crop.crop_to_image(np.stack([us, vs], axis=1).astype(np.float64), S)
-            pts = txyz[vs, us].astype(np.float64)
-            if len(uv) < self.min_pairs:
+            vs, us = np.nonzero(bank.mask[int(tid)])
+            if len(us) == 0:
                 continue
-            out.append(Correspondences(uv, pts, np.ones(len(uv), dtype=np.float32)))
+            pts = bank.xyz[int(tid)][vs, us].astype(np.float64)
+            p = np.stack([us, vs], axis=1).astype(np.float64)
+            ang = np.radians(float(match.inplane_deg[j])) if len(match.inplane_deg) > j else 0.0
+            if abs(ang) > 1e-9:
+                R2 = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+                p = (p - c) @ R2.T + c
+            t_crop = CropBox.from_points(p, pad=pad)
+            uv = np.array([q_crop.cx, q_crop.cy]) + (p - [t_crop.cx, t_crop.cy]) * (q_crop.side / t_crop.side)
+            ui = np.floor(uv[:, 0] + 0.5).astype(np.int64)
+            vi = np.floor(uv[:, 1] + 0.5).astype(np.int64)
+            ok = (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
+            ok[ok] = seg.mask[vi[ok], ui[ok]]
+            if ok.sum() < self.min_pairs:
+                continue
+            out.append(Correspondences(uv[ok], pts[ok], np.ones(int(ok.sum()), dtype=np.float32)))
         return out

@@ -8,6 +8,7 @@ Building blocks work on raw arrays and can be used on their own:
 * :class:`IcpRefiner` -- open3d point-to-plane ICP with a robust kernel, coarse-to-fine, accepted only
   when fitness/RMSE pass thresholds.
 * :func:`score_pose` -- agreement of a pose with the instance mask (and depth).
+* :func:`depth_shift` -- moves a PnP pose along its viewing ray to match the measured depth.
 
 :class:`PoseSolver` chains them per correspondence set (one set per matched template) and returns
 ranked :class:`~osop_ros.core.types.PoseHypothesis` objects; it raises
@@ -17,7 +18,7 @@ ranked :class:`~osop_ros.core.types.PoseHypothesis` objects; it raises
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -345,11 +346,13 @@ def scene_points(
 class IcpRefiner:
     """Point-to-plane ICP (open3d) of depth points onto model surface samples, coarse-to-fine, robust kernel.
 
-    The scene points are the source and the (front-facing) model samples with their exact normals the
-    target, so point-to-plane uses the model normals. Distances are fractions of the object diameter.
-    A result is accepted only when ``fitness >= min_fitness`` (fraction of scene points with a model
-    point within the finest distance), ``rmse <= max_rmse_frac * diameter`` and the correction from the
-    initial pose is plausible; otherwise the initial pose is returned with the reason.
+    The scene points are the source and the (camera-facing) model samples with their exact normals the
+    target, so point-to-plane uses the model normals. Correspondence distances per level are
+    ``max(frac * diameter, noise_floor)`` (the floor accounts for sensor noise, in metres).
+    The result is judged at ``fit_dist = max(fit_dist_frac * diameter, noise_floor)``: fitness = fraction of
+    scene points with a model point closer than ``fit_dist``, RMSE over those. Accepted only when
+    ``fitness >= min_fitness``, ``rmse <= max(max_rmse_frac * diameter, noise_floor)`` and the correction
+    from the initial pose is plausible; otherwise the initial pose is returned with the reason.
     """
 
     def __init__(
@@ -357,8 +360,10 @@ class IcpRefiner:
         max_dist_fracs: tuple[float, ...] = (0.25, 0.1, 0.04, 0.015),
         iterations: tuple[int, ...] = (15, 15, 20, 30),
         kernel: str = "tukey",
+        noise_floor: float = 0.004,
+        fit_dist_frac: float = 0.03,
         min_fitness: float = 0.3,
-        max_rmse_frac: float = 0.03,
+        max_rmse_frac: float = 0.02,
         max_correction_deg: float = 45.0,
         max_correction_frac: float = 0.5,
         max_scene_points: int = 4000,
@@ -371,12 +376,28 @@ class IcpRefiner:
         self.max_dist_fracs = tuple(max_dist_fracs)
         self.iterations = tuple(iterations)
         self.kernel = kernel
+        self.noise_floor = noise_floor
+        self.fit_dist_frac = fit_dist_frac
         self.min_fitness = min_fitness
         self.max_rmse_frac = max_rmse_frac
         self.max_correction_deg = max_correction_deg
         self.max_correction_frac = max_correction_frac
         self.max_scene_points = max_scene_points
         self.crop_radius_frac = crop_radius_frac
+
+    @staticmethod
+    def _facing_target(T_cam_obj: np.ndarray, model_pts: np.ndarray, model_normals: np.ndarray) -> Any:
+        """open3d cloud of the model samples facing the camera under ``T_cam_obj`` (all if too few)."""
+        import open3d as o3d
+
+        p_cam = transform_points(T_cam_obj, model_pts)
+        n_cam = model_normals @ T_cam_obj[:3, :3].T
+        facing = np.einsum("ij,ij->i", n_cam, p_cam) < 0.1 * np.linalg.norm(p_cam, axis=1)
+        if facing.sum() < 10:
+            facing[:] = True
+        pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(model_pts[facing]))
+        pc.normals = o3d.utility.Vector3dVector(model_normals[facing])
+        return pc
 
     def __call__(
         self,
@@ -406,18 +427,9 @@ class IcpRefiner:
         T_obj_cam = invert_T(T_init)
         model_pts = np.asarray(model_pts, dtype=np.float64)
         model_normals = np.asarray(model_normals, dtype=np.float64)
-        result = None
         for frac, iters in zip(self.max_dist_fracs, self.iterations, strict=True):
-            dist = frac * diameter
-            # Target: model samples facing the camera in the current estimate (avoids back-face matches).
-            T_c = invert_T(T_obj_cam)
-            p_cam = transform_points(T_c, model_pts)
-            n_cam = model_normals @ T_c[:3, :3].T
-            facing = np.einsum("ij,ij->i", n_cam, p_cam) < 0.1 * np.linalg.norm(p_cam, axis=1)
-            if facing.sum() < 10:
-                facing[:] = True
-            pc_tgt = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(model_pts[facing]))
-            pc_tgt.normals = o3d.utility.Vector3dVector(model_normals[facing])
+            dist = max(frac * diameter, self.noise_floor)
+            pc_tgt = self._facing_target(invert_T(T_obj_cam), model_pts, model_normals)
             if self.kernel == "tukey":
                 est = reg.TransformationEstimationPointToPlane(reg.TukeyLoss(k=dist))
             elif self.kernel == "huber":
@@ -427,18 +439,21 @@ class IcpRefiner:
             crit = reg.ICPConvergenceCriteria(relative_fitness=1e-7, relative_rmse=1e-7, max_iteration=int(iters))
             result = reg.registration_icp(pc_src, pc_tgt, dist, T_obj_cam, est, crit)
             T_obj_cam = np.asarray(result.transformation, dtype=np.float64)
-        assert result is not None
         T_new = invert_T(T_obj_cam)
-        fitness, rmse = float(result.fitness), float(result.inlier_rmse)
         if not np.all(np.isfinite(T_new)):
-            return IcpResult(T_init, False, fitness, rmse, "ICP produced a non-finite pose")
+            return IcpResult(T_init, False, 0.0, float("inf"), "ICP produced a non-finite pose")
+        fit_dist = max(self.fit_dist_frac * diameter, self.noise_floor)
+        pc_fit = self._facing_target(T_new, model_pts, model_normals)
+        ev = reg.evaluate_registration(pc_src, pc_fit, fit_dist, T_obj_cam)
+        fitness, rmse = float(ev.fitness), float(ev.inlier_rmse)
         d_rot = rotation_angle_deg(T_init[:3, :3], T_new[:3, :3])
         d_t = float(np.linalg.norm(transform_points(T_new, center[None]) - c_cam))
+        max_rmse = max(self.max_rmse_frac * diameter, self.noise_floor)
         reason = ""
         if fitness < self.min_fitness:
             reason = f"ICP fitness {fitness:.3f} < {self.min_fitness:.3f}"
-        elif rmse > self.max_rmse_frac * diameter:
-            reason = f"ICP RMSE {rmse * 1000:.2f} mm > {self.max_rmse_frac * diameter * 1000:.2f} mm"
+        elif rmse > max_rmse:
+            reason = f"ICP RMSE {rmse * 1000:.2f} mm > {max_rmse * 1000:.2f} mm"
         elif d_rot > self.max_correction_deg or d_t > self.max_correction_frac * diameter:
             reason = f"ICP correction implausible ({d_rot:.1f} deg, {d_t * 1000:.1f} mm)"
         elif T_new[2, 3] <= 0:
@@ -471,7 +486,8 @@ def score_pose(
     pixels outside the mask where the measured depth lies clearly in front of the model (occlusion) are
     excused, and a depth term is added: fraction of camera-facing samples projecting into the mask whose
     measured depth is within ``depth_tol`` metres of the model depth. Score = IoU (RGB) or
-    sqrt(IoU * depth_fraction) (RGB-D). No z-buffer: visibility is approximated by normals.
+    sqrt(IoU * depth_fraction) (RGB-D; IoU alone when fewer than 10 such samples have depth).
+    No z-buffer: visibility is approximated by normals.
     """
     H, W = mask.shape
     p_cam = transform_points(T_cam_obj, model_pts)
@@ -502,7 +518,7 @@ def score_pose(
     sil = cv2.morphologyEx(sil, cv2.MORPH_CLOSE, kern).astype(bool)
     m = mask[y0:y1, x0:x1].astype(bool)
     info: dict[str, float] = {}
-    depth_fit = 1.0
+    depth_fit: float | None = None
     if depth is not None:
         d = depth[y0:y1, x0:x1]
         # Model depth over the silhouette: z-buffer of the samples, spread with a min filter.
@@ -520,15 +536,16 @@ def score_pose(
         valid = dv > 0
         if valid.sum() >= 10:
             depth_fit = float(np.mean(np.abs(dv[valid] - z[sel][valid]) < depth_tol))
-        else:
-            depth_fit = 0.0
-        info["depth_fit"] = depth_fit
+            info["depth_fit"] = depth_fit
+        else:  # no depth where the model lands inside the mask: the depth term is unavailable
+            depth_fit = None
+            info["depth_fit"] = float("nan")
         info["occluded_px"] = float(occluded.sum())
     inter = float((sil & m).sum())
     union = float((sil | m).sum()) + float(mask_area - m.sum())
     iou = inter / union if union > 0 else 0.0
     info["iou"] = iou
-    score = iou if depth is None else float(np.sqrt(iou * depth_fit))
+    score = iou if depth_fit is None else float(np.sqrt(iou * depth_fit))
     return float(score), info
 
 
@@ -539,7 +556,8 @@ def score_pose(
 
 @dataclass
 class SolverConfig:
-    """Thresholds of :class:`PoseSolver`. ``*_frac`` values are fractions of the object diameter."""
+    """Thresholds of :class:`PoseSolver`. ``*_frac`` values are fractions of the object diameter;
+    ``*_floor`` values are absolute lower bounds in metres (depth sensor noise)."""
 
     min_correspondences: int = 8
     min_inliers: int = 8
@@ -552,38 +570,78 @@ class SolverConfig:
     pnp_reproj_box_frac: float = 0.04
     pnp_iterations: int = 500
     pnp_confidence: float = 0.999
-    # RGB-D
+    # RGB-D: "kabsch" (3D-3D), "pnp" (PnP + depth shift along the viewing ray) or "both" (two hypotheses)
     use_depth: bool = True
+    rgbd_init: str = "both"
     kabsch_inlier_frac: float = 0.08
     kabsch_iterations: int = 500
     min_depth_points: int = 8
-    # ICP
+    # ICP (RGB-D)
     icp: bool = True
-    icp_top_n: int = 3
+    icp_top_n: int = 4
     icp_max_dist_fracs: tuple[float, ...] = (0.25, 0.1, 0.04, 0.015)
     icp_iterations: tuple[int, ...] = (15, 15, 20, 30)
     icp_kernel: str = "tukey"
+    icp_noise_floor: float = 0.004
+    icp_fit_dist_frac: float = 0.03
     icp_min_fitness: float = 0.3
-    icp_max_rmse_frac: float = 0.03
+    icp_max_rmse_frac: float = 0.02
     icp_max_correction_deg: float = 45.0
     icp_max_correction_frac: float = 0.5
-    mask_dilate_px: int = 5
+    mask_dilate_px: int = 3
     # scoring / ranking
     n_samples: int = 2000
     score_depth_tol_frac: float = 0.05
+    score_depth_tol_floor: float = 0.005
     min_score: float = 0.0
     dedup_deg: float = 5.0
     dedup_frac: float = 0.05
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rgbd_init not in ("kabsch", "pnp", "both"):
+            raise ValueError(f"SolverConfig.rgbd_init must be kabsch, pnp or both, got {self.rgbd_init!r}")
+
+
+def depth_shift(
+    T_cam_obj: np.ndarray,
+    model_pts: np.ndarray,
+    model_normals: np.ndarray,
+    K: np.ndarray,
+    mask: np.ndarray,
+    depth: np.ndarray,
+    min_points: int = 10,
+) -> tuple[np.ndarray, float] | None:
+    """Move a pose along its viewing ray so that its camera-facing samples inside ``mask`` match ``depth``.
+
+    The translation is scaled by (z + dz) / z (the projection of the model origin stays put), where dz is
+    the median of measured minus model depth. Returns (new pose, dz metres) or None without enough depth.
+    """
+    p_cam = transform_points(T_cam_obj, model_pts)
+    z = p_cam[:, 2]
+    if np.any(z <= 1e-6) or T_cam_obj[2, 3] <= 0:
+        return None
+    n_cam = model_normals @ T_cam_obj[:3, :3].T
+    facing = np.einsum("ij,ij->i", n_cam, p_cam) < 0
+    H, W = mask.shape
+    u = np.floor(p_cam[:, 0] / z * K[0, 0] + K[0, 2] + 0.5).astype(np.int64)
+    v = np.floor(p_cam[:, 1] / z * K[1, 1] + K[1, 2] + 0.5).astype(np.int64)
+    sel = facing & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    sel[sel] = mask[v[sel], u[sel]] & (depth[v[sel], u[sel]] > 0)
+    if sel.sum() < min_points:
+        return None
+    dz = float(np.median(depth[v[sel], u[sel]] - z[sel]))
+    T = T_cam_obj.copy()
+    T[:3, 3] *= (T[2, 3] + dz) / T[2, 3]
+    return T, dz
 
 
 class PoseSolver:
-    """Stage 4 (:class:`~osop_ros.core.stages.PoseSolverStage`): one hypothesis per correspondence set.
+    """Stage 4 (:class:`~osop_ros.core.stages.PoseSolverStage`): hypotheses from each correspondence set.
 
     RGB: PnP-RANSAC. RGB-D (``obs.depth`` present and ``use_depth``): Kabsch-RANSAC on back-projected
-    correspondences (falls back to PnP when too few have depth), then ICP of the model onto the depth
-    inside the dilated mask for the ``icp_top_n`` best. Hypotheses are scored by :func:`score_pose`,
-    ranked, and duplicates (equal up to a symmetry of the object) merged.
+    correspondences and/or PnP followed by a depth shift along the viewing ray (``rgbd_init``), then ICP of
+    the model onto the depth inside the dilated mask for the ``icp_top_n`` best. Hypotheses are scored by
+    :func:`score_pose`, ranked, and duplicates (equal up to a symmetry of the object) merged.
     """
 
     def __init__(self, config: SolverConfig | None = None) -> None:
@@ -593,6 +651,8 @@ class PoseSolver:
             max_dist_fracs=c.icp_max_dist_fracs,
             iterations=c.icp_iterations,
             kernel=c.icp_kernel,
+            noise_floor=c.icp_noise_floor,
+            fit_dist_frac=c.icp_fit_dist_frac,
             min_fitness=c.icp_min_fitness,
             max_rmse_frac=c.icp_max_rmse_frac,
             max_correction_deg=c.icp_max_correction_deg,
@@ -607,50 +667,15 @@ class PoseSolver:
             obj.extra[key] = (np.asarray(pts, dtype=np.float64), np.asarray(nrm, dtype=np.float64))
         return obj.extra[key]
 
-    def _initial(
-        self, obs: Observation, corr: Correspondences, seg: SegmentationResult, diameter: float, use_depth: bool
-    ) -> tuple[RansacResult, str, str]:
+    def _pnp(self, obs: Observation, corr: Correspondences, seg: SegmentationResult) -> RansacResult:
         c = self.config
-        K = obs.camera.K
-        n = len(corr)
-        if n < c.min_correspondences:
-            raise PoseFailure(f"too few correspondences ({n} < {c.min_correspondences})")
-        note = ""
-        if use_depth and obs.depth is not None:
-            H, W = obs.depth.shape
-            ui = np.clip(np.floor(corr.uv[:, 0] + 0.5).astype(np.int64), 0, W - 1)
-            vi = np.clip(np.floor(corr.uv[:, 1] + 0.5).astype(np.int64), 0, H - 1)
-            z = obs.depth[vi, ui].astype(np.float64)
-            ok = z > 0
-            if ok.sum() >= max(c.min_depth_points, c.min_inliers):
-                pts_cam = backproject(corr.uv[ok], z[ok], K)
-                try:
-                    res = kabsch_ransac(
-                        corr.pts_obj[ok],
-                        pts_cam,
-                        corr.conf[ok],
-                        inlier_thresh=c.kabsch_inlier_frac * diameter,
-                        iterations=c.kabsch_iterations,
-                        max_points=c.max_points,
-                        conf_min=c.conf_min,
-                        min_inliers=c.min_inliers,
-                        min_inlier_ratio=c.min_inlier_ratio,
-                        seed=c.seed,
-                    )
-                    full = np.zeros(n, dtype=bool)
-                    full[np.nonzero(ok)[0][res.inliers]] = True
-                    return RansacResult(res.T_cam_obj, full, res.rmse), "kabsch", ""
-                except PoseFailure as exc:
-                    note = f"kabsch failed ({exc.reason}); PnP used"
-            else:
-                note = f"only {int(ok.sum())} correspondences with depth; PnP used"
         side = 0.0
         if seg.box is not None:
             side = float(max(seg.box[2] - seg.box[0], seg.box[3] - seg.box[1]))
-        res = solve_pnp_ransac(
+        return solve_pnp_ransac(
             corr.uv,
             corr.pts_obj,
-            K,
+            obs.camera.K,
             corr.conf,
             reproj_px=max(c.pnp_reproj_px, c.pnp_reproj_box_frac * side),
             iterations=c.pnp_iterations,
@@ -661,7 +686,74 @@ class PoseSolver:
             min_inlier_ratio=c.min_inlier_ratio,
             seed=c.seed,
         )
-        return res, "pnp", note
+
+    def _kabsch(self, obs: Observation, corr: Correspondences, diameter: float) -> RansacResult:
+        c = self.config
+        assert obs.depth is not None
+        H, W = obs.depth.shape
+        ui = np.clip(np.floor(corr.uv[:, 0] + 0.5).astype(np.int64), 0, W - 1)
+        vi = np.clip(np.floor(corr.uv[:, 1] + 0.5).astype(np.int64), 0, H - 1)
+        z = obs.depth[vi, ui].astype(np.float64)
+        ok = z > 0
+        need = max(c.min_depth_points, c.min_inliers)
+        if ok.sum() < need:
+            raise PoseFailure(f"only {int(ok.sum())} correspondences with depth (< {need})")
+        pts_cam = backproject(corr.uv[ok], z[ok], obs.camera.K)
+        res = kabsch_ransac(
+            corr.pts_obj[ok],
+            pts_cam,
+            corr.conf[ok],
+            inlier_thresh=c.kabsch_inlier_frac * diameter,
+            iterations=c.kabsch_iterations,
+            max_points=c.max_points,
+            conf_min=c.conf_min,
+            min_inliers=c.min_inliers,
+            min_inlier_ratio=c.min_inlier_ratio,
+            seed=c.seed,
+        )
+        full = np.zeros(len(corr), dtype=bool)
+        full[np.nonzero(ok)[0][res.inliers]] = True
+        return RansacResult(res.T_cam_obj, full, res.rmse)
+
+    def _initial(
+        self,
+        obs: Observation,
+        corr: Correspondences,
+        seg: SegmentationResult,
+        diameter: float,
+        use_depth: bool,
+        samples: tuple[np.ndarray, np.ndarray],
+    ) -> tuple[list[tuple[RansacResult, str, dict[str, Any]]], list[str]]:
+        """Initial poses of one correspondence set: [(result, method, info)] and the reasons of failures."""
+        c = self.config
+        n = len(corr)
+        if n < c.min_correspondences:
+            raise PoseFailure(f"too few correspondences ({n} < {c.min_correspondences})")
+        out: list[tuple[RansacResult, str, dict[str, Any]]] = []
+        fails: list[str] = []
+        if not use_depth:
+            return [(self._pnp(obs, corr, seg), "pnp", {})], fails
+        assert obs.depth is not None
+        if c.rgbd_init in ("kabsch", "both"):
+            try:
+                out.append((self._kabsch(obs, corr, diameter), "kabsch", {}))
+            except PoseFailure as exc:
+                fails.append(f"kabsch: {exc.reason}")
+        if c.rgbd_init in ("pnp", "both") or not out:
+            try:
+                res = self._pnp(obs, corr, seg)
+            except PoseFailure as exc:
+                fails.append(f"pnp: {exc.reason}")
+            else:
+                shifted = depth_shift(res.T_cam_obj, *samples, obs.camera.K, seg.mask, obs.depth)
+                if shifted is None:
+                    out.append((res, "pnp", {"note": "no depth under the mask for the depth shift"}))
+                else:
+                    T, dz = shifted
+                    out.append((RansacResult(T, res.inliers, res.rmse), "pnp+depth", {"depth_shift_m": dz}))
+        if not out:
+            raise PoseFailure("; ".join(fails))
+        return out, fails
 
     # -- stage -----------------------------------------------------------------------------------
     def __call__(
@@ -684,30 +776,32 @@ class PoseSolver:
         depth = obs.depth if use_depth else None
         pts, nrm = self._samples(obj)
         center = np.asarray(getattr(obj.model, "center", np.zeros(3)), dtype=np.float64)
-        tol = c.score_depth_tol_frac * diameter
+        tol = max(c.score_depth_tol_frac * diameter, c.score_depth_tol_floor)
         hyps: list[PoseHypothesis] = []
         reasons: list[str] = []
         for i, corr in enumerate(corrs):
             try:
-                res, method, note = self._initial(obs, corr, seg, diameter, use_depth)
+                inits, fails = self._initial(obs, corr, seg, diameter, use_depth, (pts, nrm))
             except PoseFailure as exc:
                 reasons.append(f"set {i}: {exc.reason}")
                 continue
-            score, sinfo = score_pose(res.T_cam_obj, pts, nrm, K, mask, depth, depth_tol=tol)
-            info: dict[str, Any] = {
-                "method": method,
-                "corr_set": i,
-                "n_corr": len(corr),
-                "ransac_rmse": res.rmse,
-                **{f"score_{k}": v for k, v in sinfo.items()},
-            }
-            if note:
-                info["note"] = note
-            hyps.append(PoseHypothesis(res.T_cam_obj, score, res.n_inliers, info))
+            reasons += [f"set {i}: {f}" for f in fails]
+            for res, method, extra in inits:
+                score, sinfo = score_pose(res.T_cam_obj, pts, nrm, K, mask, depth, depth_tol=tol)
+                info: dict[str, Any] = {
+                    "method": method,
+                    "corr_set": i,
+                    "n_corr": len(corr),
+                    "ransac_rmse": res.rmse,
+                    **extra,
+                    **{f"score_{k}": v for k, v in sinfo.items()},
+                }
+                hyps.append(PoseHypothesis(res.T_cam_obj, score, res.n_inliers, info))
         if not hyps:
             raise PoseFailure("; ".join(reasons))
         hyps.sort(key=lambda h: -h.score)
         if use_depth and c.icp:
+            assert obs.depth is not None
             spts = scene_points(obs.depth, K, mask, c.mask_dilate_px)
             for h in hyps[: c.icp_top_n]:
                 r = self.icp(h.T_cam_obj, pts, nrm, spts, diameter, center_obj=center, seed=c.seed)
@@ -722,7 +816,7 @@ class PoseSolver:
             hyps.sort(key=lambda h: -h.score)
         hyps = self._dedup(hyps, obj.sym_Ts or [np.eye(4)], diameter, center)
         if reasons:
-            hyps[0].info["failed_sets"] = reasons
+            hyps[0].info["failed"] = reasons
         if hyps[0].score < c.min_score:
             raise PoseFailure(f"best hypothesis score {hyps[0].score:.3f} < min_score {c.min_score:.3f}")
         return hyps

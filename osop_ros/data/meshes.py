@@ -27,7 +27,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -812,7 +812,3 @@ def split_object_ids(manifest: dict[str, Any], split: str) -> list[int]:
         raise InvalidInputError(f"split must be 'train' or 'val', got {split!r}")
     return sorted(int(o["obj_id"]) for o in manifest["objects"] if o.get("split") == split)
 
-
-def iter_blocklist_hits(paths: Iterable[str]) -> list[tuple[str, str]]:
-    """(path, reason) for every path naming a BOP test object."""
-    return [(p, r) for p in paths if (r := blocklist_reason(p))]

@@ -36,9 +36,17 @@ from osop_ros.train.data import (
 )
 
 
-def rotation_angles_deg(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
-    """Pairwise geodesic angles: Ra (N,3,3), Rb (M,3,3) -> (N, M) degrees."""
-    tr = np.einsum("nij,mij->nm", Ra, Rb)
+def rotation_angles_deg(Ra: np.ndarray, Rb: np.ndarray, sym_R: np.ndarray | None = None) -> np.ndarray:
+    """Pairwise geodesic angles: Ra (N,3,3), Rb (M,3,3) -> (N, M) degrees.
+
+    With ``sym_R`` (S, 3, 3) (model symmetries, identity included) the smallest angle between
+    ``Ra`` and any ``Rb @ S`` is returned.
+    """
+    if sym_R is None:
+        tr = np.einsum("nij,mij->nm", Ra, Rb)
+    else:
+        RbS = np.einsum("mij,sjk->msik", Rb, sym_R)
+        tr = np.einsum("nij,msij->nms", Ra, RbS).max(axis=2)
     return np.degrees(np.arccos(np.clip((tr - 1) / 2, -1, 1)))
 
 
@@ -110,8 +118,14 @@ class MatchTask:
         tm = to_tensor_mask(np.concatenate(t_mask), device)
         eq = self._embed(model, q_rgb, q_mask)
         et = self._embed(model, color_jitter(tr, self.gen, 0.05), tm)
-        ang = rotation_angles_deg(self.train["R_q"][q_idx_a], np.concatenate(t_R))
-        same = np.array(q_obj)[:, None] == np.array(t_obj)[None, :]
+        all_R = np.concatenate(t_R)
+        q_obj_a, t_obj_a = np.array(q_obj), np.array(t_obj)
+        ang = np.full((len(q_idx_a), len(all_R)), 180.0)
+        for oid in objs:  # symmetry-aware angles within each object's group
+            qi, ti = np.nonzero(q_obj_a == oid)[0], np.nonzero(t_obj_a == oid)[0]
+            sym = self.tobj["sym_R"][self.t_index[int(oid)]] if "sym_R" in self.tobj else None
+            ang[np.ix_(qi, ti)] = rotation_angles_deg(self.train["R_q"][q_idx_a[qi]], all_R[ti], sym)
+        same = q_obj_a[:, None] == t_obj_a[None, :]
         target = np.where(same, np.exp(-0.5 * (ang / self.sigma) ** 2), 0.0)
         target = target / target.sum(1, keepdims=True).clip(1e-8)
         net = model.module if hasattr(model, "module") else model
@@ -139,7 +153,9 @@ class MatchTask:
                 model = ObjectModel.load(self.meshes_dir / "models" / f"obj_{oid:06d}.ply", units="mm")
                 banks[oid] = TemplateBank.build(model, r, cfg, progress=False)
         keep = np.nonzero(np.isin(val["obj_id"], oids))[0][: self.max_val]
-        return {"val": {k: v[keep] for k, v in val.items()}, "banks": banks}
+        vobj = load_objects(self.val_dir)
+        syms = {int(o): vobj["sym_R"][i] for i, o in enumerate(vobj["obj_id"])} if "sym_R" in vobj else {}
+        return {"val": {k: v[keep] for k, v in val.items()}, "banks": banks, "syms": syms}
 
     @torch.no_grad()
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
@@ -160,7 +176,10 @@ class MatchTask:
                 R = bank.poses[res.template_ids[0], :3, :3]
                 d = np.radians(res.inplane_deg[0])
                 Rz = np.array([[np.cos(d), -np.sin(d), 0], [np.sin(d), np.cos(d), 0], [0, 0, 1]])
-                errs.append(float(rotation_angles_deg(val["R_q"][i][None].astype(np.float64), (Rz @ R)[None])[0, 0]))
+                sym = self._val["syms"].get(oid)
+                errs.append(
+                    float(rotation_angles_deg(val["R_q"][i][None].astype(np.float64), (Rz @ R)[None], sym)[0, 0])
+                )
         e = np.array(errs)
         return {
             "median_rot_err_deg": float(np.median(e)) if len(e) else 180.0,

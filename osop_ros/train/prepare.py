@@ -22,7 +22,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from osop_ros.core.geometry import CropBox, make_T, mask_to_box, random_rotation, rotation_about_axis
+from osop_ros.core.geometry import (
+    CropBox,
+    make_T,
+    mask_to_box,
+    random_rotation,
+    rotation_about_axis,
+    symmetry_transforms,
+)
 from osop_ros.core.mesh import ObjectModel
 from osop_ros.core.render import Renderer
 from osop_ros.core.templates import TemplateConfig, render_view
@@ -81,13 +88,45 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def _load_models(meshes_dir: Path) -> dict[int, ObjectModel]:
-    models = {}
-    info = _read_json(meshes_dir / "models" / "models_info.json")
-    for k in info:
-        oid = int(k)
-        models[oid] = ObjectModel.load(meshes_dir / "models" / f"obj_{oid:06d}.ply", units="mm", name=f"obj_{oid:06d}")
-    return models
+class _Models(dict):
+    """obj_id -> ObjectModel, loaded on first use from a BOP ``models/`` dir (mm)."""
+
+    def __init__(self, meshes_dir: Path) -> None:
+        super().__init__()
+        self.dir = meshes_dir / "models"
+        self.info = _read_json(self.dir / "models_info.json")
+
+    def __contains__(self, oid: object) -> bool:
+        return str(oid) in self.info
+
+    def __missing__(self, oid: int) -> ObjectModel:
+        m = ObjectModel.load(
+            self.dir / f"obj_{oid:06d}.ply", units="mm", name=f"obj_{oid:06d}", symmetries=self.info[str(oid)]
+        )
+        self[oid] = m
+        return m
+
+
+def _scene_dirs(root: Path) -> list[Path]:
+    """Directories holding a ``scene_gt.json`` below ``root`` (symlinks followed)."""
+    return sorted(Path(d) for d, _, files in os.walk(root, followlinks=True) if "scene_gt.json" in files)
+
+
+MAX_SYM = 72
+
+
+def visual_symmetry_rotations(model: ObjectModel, colour_mode: str) -> np.ndarray:
+    """(MAX_SYM, 3, 3) rotations ``S`` with ``R ~ R @ S`` (identity-padded).
+
+    Only uniformly coloured objects are visually symmetric; textured ones look different under
+    their geometric symmetries, so they get the identity only. Continuous symmetries: 10 deg steps.
+    """
+    out = np.tile(np.eye(3, dtype=np.float32), (MAX_SYM, 1, 1))
+    if colour_mode != "uniform" or not model.symmetries.is_symmetric:
+        return out
+    Ts = symmetry_transforms(model.symmetries, max_step_rad=np.radians(10.0))[:MAX_SYM]
+    out[: len(Ts)] = np.stack([T[:3, :3] for T in Ts])
+    return out
 
 
 class ShardWriter:
@@ -127,17 +166,16 @@ def prepare(synth_dir: Path, meshes_dir: Path, out_dir: Path, cfg: PrepareConfig
         log.info("%s already prepared", out_dir)
         return _read_json(out_dir / "done.json")
     rng = np.random.default_rng(cfg.seed)
-    models = _load_models(meshes_dir)
+    models = _Models(meshes_dir)
     tcfg = TemplateConfig(crop_size=cfg.crop_size)
     S = cfg.crop_size
-    scene_dirs = sorted(p for p in synth_dir.rglob("scene_gt.json"))
+    scene_dirs = _scene_dirs(synth_dir)
     inst_w = ShardWriter(out_dir, "instances", cfg.shard_size)
     img_w = ShardWriter(out_dir, "images", cfg.shard_size)
     used_objects: set[int] = set()
     t0 = time.time()
     with Renderer() as renderer:
-        for gt_path in tqdm(scene_dirs, desc="scenes"):
-            sdir = gt_path.parent
+        for sdir in tqdm(scene_dirs, desc="scenes"):
             scene_gt = _read_json(sdir / "scene_gt.json")
             scene_cam = _read_json(sdir / "scene_camera.json")
             scene_info = _read_json(sdir / "scene_gt_info.json")
@@ -207,8 +245,13 @@ def prepare(synth_dir: Path, meshes_dir: Path, out_dir: Path, cfg: PrepareConfig
         # mini template banks for every object that has instances
         oids = sorted(used_objects)
         V = cfg.views_per_object
+        manifest = _read_json(meshes_dir / "manifest.json") if (meshes_dir / "manifest.json").exists() else {}
+        colour = {int(o["obj_id"]): o.get("colour_mode", "") for o in manifest.get("objects", [])}
         mb = {
             "obj_id": np.array(oids, np.int32),
+            "sym_R": np.stack([visual_symmetry_rotations(models[o], colour.get(o, "")) for o in oids]).astype(
+                np.float32
+            ),
             "rgb": np.zeros((len(oids), V, S, S, 3), np.uint8),
             "mask": np.zeros((len(oids), V, S, S), np.uint8),
             "R": np.zeros((len(oids), V, 3, 3), np.float32),

@@ -1,0 +1,110 @@
+"""``osop bench``: per-stage latency (p50/p95) at 640x480, peak RSS, template bank build time/size.
+
+Writes ``bench.json`` and ``bench.md`` (a markdown table) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from osop_ros.commands.templates import benchmark_template_bank
+    from osop_ros.core.config import load_config
+    from osop_ros.core.factory import build_pipeline
+    from osop_ros.core.mesh import ObjectModel
+    from osop_ros.core.templates import TemplateConfig
+    from osop_ros.demo import demo_config, make_demo_scene
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    # 1. template bank of the example object, from scratch
+    from osop_ros.data.example import EXAMPLE_PATH
+
+    model = ObjectModel.load(EXAMPLE_PATH, units="m", name="example_object")
+    with tempfile.TemporaryDirectory() as tmp:
+        report["template_bank"] = {
+            k: round(float(v), 3) for k, v in benchmark_template_bank(model, TemplateConfig(), tmp).items()
+        }
+    # 2. pipeline latency per stage on N synthetic 640x480 frames
+    cfg = demo_config()
+    cfg["device"] = args.device
+    cfg["pipeline"]["icp"] = not args.no_icp
+    t0 = time.perf_counter()
+    pipe = build_pipeline(load_config(cfg))
+    report["pipeline_ready_s"] = round(time.perf_counter() - t0, 2)
+    report["device_resolved"] = str(pipe.networks.device)
+    scenes = [make_demo_scene(seed=100 + i) for i in range(min(args.frames, 8))]
+    per_stage: dict[str, list[float]] = {}
+    totals = []
+    pipe(scenes[0].obs)  # warm-up
+    for i in range(args.frames):
+        obs = scenes[i % len(scenes)].obs
+        if args.modality == "rgb":
+            obs = type(obs)(obs.rgb, obs.camera, None)
+        t = time.perf_counter()
+        ests = pipe(obs)
+        totals.append(time.perf_counter() - t)
+        for e in ests:
+            for k, v in e.timings.items():
+                per_stage.setdefault(k, []).append(v)
+    stats = {
+        k: {"p50": round(float(np.percentile(v, 50)), 4), "p95": round(float(np.percentile(v, 95)), 4)}
+        for k, v in per_stage.items()
+    }
+    stats["frame_total"] = {
+        "p50": round(float(np.percentile(totals, 50)), 4),
+        "p95": round(float(np.percentile(totals, 95)), 4),
+    }
+    report.update(
+        frames=args.frames,
+        modality=args.modality,
+        icp=not args.no_icp,
+        latency_s=stats,
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+    )
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    lines = ["| stage | p50 (s) | p95 (s) |", "|---|---|---|"]
+    for k in ("segment", "match", "correspond", "solve", "total", "frame_total"):
+        if k in stats:
+            lines.append(f"| {k} | {stats[k]['p50']:.3f} | {stats[k]['p95']:.3f} |")
+    tb = report["template_bank"]
+    lines += [
+        "",
+        f"- device: {report['device_resolved']}, torch threads: {report['torch_threads']}, "
+        f"frames: {args.frames} at 640x480 ({args.modality}, icp={not args.no_icp})",
+        f"- peak RSS: {report['peak_rss_mb']} MB; pipeline ready in {report['pipeline_ready_s']} s",
+        f"- template bank ({tb['n_views']:.0f} views): build {tb['build_s']:.1f} s, {tb['size_mb']:.1f} MB on disk, "
+        f"reload {tb['reload_s']:.2f} s",
+    ]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency / memory / template-bank benchmark (prints numbers)")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--modality", choices=("rgbd", "rgb"), default="rgbd")
+    p.add_argument("--no-icp", action="store_true")
+    p.add_argument("--out", default="out/bench")
+    p.set_defaults(func=_run)
