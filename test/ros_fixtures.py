@@ -165,14 +165,17 @@ class RosSession:
     thread: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[BaseException] = field(default_factory=list)  # exceptions raised by callbacks
+    spin_lock: threading.Lock = field(default_factory=threading.Lock)  # held while the executor waits
 
     def add(self, node: Any) -> Any:
         self.executor.add_node(node)
         return node
 
     def remove(self, node: Any) -> None:
-        self.executor.remove_node(node)
-        node.destroy_node()
+        """Remove + destroy ``node`` between two spin iterations (never under a running wait set)."""
+        with self.spin_lock:
+            self.executor.remove_node(node)
+            node.destroy_node()
 
 
 @contextmanager
@@ -192,7 +195,8 @@ def ros_session(salt: int) -> Iterator[RosSession]:
     def spin() -> None:
         while not session.stop.is_set() and ctx.ok():
             try:
-                executor.spin_once(timeout_sec=0.05)
+                with session.spin_lock:
+                    executor.spin_once(timeout_sec=0.05)
             except Exception as exc:  # noqa: BLE001 - keep spinning; tests assert session.errors == []
                 if session.stop.is_set() or not ctx.ok():
                     break

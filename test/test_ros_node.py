@@ -7,6 +7,10 @@ reaction (pose, warning counter) is observed or a timeout expires.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -473,3 +477,49 @@ def test_load_30hz_60s(rig: Rig) -> None:
     print(f"\nload 60 s @30 Hz: {m}")
     assert m["processed"] >= 600 and m["bad_input"] == 0 and m["pipeline_errors"] == 0
     assert m["rss1_mib"] - m["rss0_mib"] < 100, "memory grows under load"
+
+
+# ------------------------------------------------------------------------------------ console script
+TEST_DIR = Path(__file__).resolve().parent
+CONFIG = TEST_DIR.parent / "config" / "osop.yaml"
+
+
+def node_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "osop_ros.ros.node", "--ros-args", "--params-file", str(CONFIG), *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TEST_DIR), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_main_as_subprocess(session: F.RosSession) -> None:
+    """``osop_node`` with config/osop.yaml (shipped example object) in its own process; SIGINT -> exit 0."""
+    proc = subprocess.Popen(node_cmd("-p", "pipeline_factory:=ros_fixtures:blob_factory",
+                                     "-p", "qos.reliability:=reliable", "-r", "__ns:=/proc_t"),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        cam = F.CameraStub(session, "/proc_t")
+        cam.watch_pose("example_object")
+        sent: list[int] = []
+        cam.stream(lambda st: (sent.append(st), F.make_frame(st))[1],
+                   lambda: bool(set(sent) & set(cam.pose_stamps("example_object"))), timeout=30.0)
+        pose = cam.pose_for("example_object", sent)
+        np.testing.assert_allclose(msg_to_T(pose.pose), F.expected_T(40, 20, 0.8), atol=1e-5)
+        session.remove(cam.node)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "ready: 1/1 objects (example_object)" in out, out
+
+
+def test_main_exits_2_on_bad_parameters() -> None:
+    res = subprocess.run(node_cmd("-p", "qos.reliability:=sometimes", "-p", "sync.queue_size:=0"),
+                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "qos.reliability must be one of best_effort, reliable, got 'sometimes'" in res.stderr
+    assert "sync.queue_size" in res.stderr

@@ -148,6 +148,14 @@ def test_correspond_train_resume(shards: Path, tmp_path: Path) -> None:
     assert res2["step"] == 6
     hist = json.loads(torch.load(out / "last.pt", weights_only=True)["history"])
     assert [h["step"] for h in hist["val"]] == [2, 4, 6]
+    from osop_ros.cli import main
+
+    assert main(["train", "export", "--stage", "correspond", "--run-dir", str(out), "--out", str(tmp_path / "w")]) == 0
+    card = (tmp_path / "w" / "correspond.md").read_text()
+    assert "Validation metrics" in card and "median_err_pct" in card
+    half = torch.load(tmp_path / "w" / "correspond.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in half["state_dict"].values() if v.is_floating_point())
+    assert from_checkpoint(tmp_path / "w" / "correspond.pt", "cpu", arch="corrnet") is not None
 
 
 def test_segment_and_match_steps(shards: Path, tmp_path: Path) -> None:

@@ -85,6 +85,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=handler)
 
+    q = subparsers.add_parser(
+        "eval-stages",
+        help="measure stages 1-3 separately on a BOP dataset (mask IoU, template rotation error, coordinate error)",
+    )
+    q.add_argument("--dataset", type=Path, required=True)
+    q.add_argument("--split", default="test")
+    q.add_argument("--objects", type=_int_list, default=None)
+    q.add_argument("--max-targets", type=int, default=200)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--weights-dir", type=Path, default=None)
+    q.add_argument("--cache-dir", type=Path, default=None)
+    q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
+    q.set_defaults(func=stages_handler)
+
+
+def stages_handler(args: argparse.Namespace) -> int:
+    import json
+
+    from osop_ros.eval.stages import StageEvalOptions, evaluate_stages
+
+    summary = evaluate_stages(
+        StageEvalOptions(
+            dataset=args.dataset,
+            split=args.split,
+            objects=args.objects,
+            max_targets=args.max_targets,
+            device=args.device,
+            weights_dir=args.weights_dir,
+            cache_dir=args.cache_dir,
+        )
+    )
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1))
+    return 0
+
 
 def handler(args: argparse.Namespace) -> int:
     from osop_ros.eval.runner import EvalOptions, default_stage_factory, run_eval

@@ -52,6 +52,68 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+CARD = """# {stage} network ({arch}) — model card
+
+- **File**: `weights/{stage}.pt` ({size_mb:.1f} MB, {dtype}), loaded with `osop_ros.nets.checkpoint.from_checkpoint`.
+- **Architecture**: `{arch}`, {params:.2f} M parameters; config in the checkpoint (`config` key):
+  `{config}`
+- **Training data**: synthetic BOP scenes rendered by `osop data synth` from `osop data meshes`
+  (pybullet_data meshes, zlib licence; no LINEMOD/LM-O, YCB-V or T-LESS object — the manifest's
+  blocklist check passed), shards from `osop train prepare`: {data}.
+- **Validation**: held-out objects (the `val` split of the mesh library, never in training scenes).
+- **Steps**: {step} (batch {batch}), Adam lr {lr}; **wall time** {wall_h:.2f} h on {hardware}.
+- **Validation metrics at the kept checkpoint** (step {step}): {val}
+- **Command**:
+  ```
+  {command}
+  osop train export --stage {stage} --run-dir {run_dir} --out weights/
+  ```
+- Curves: `{run_dir}/curves.png` (not shipped).
+"""
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json as _json
+    import platform
+
+    import torch
+
+    from osop_ros.nets.checkpoint import from_checkpoint, save_checkpoint
+
+    run = Path(args.run_dir).expanduser()
+    net = from_checkpoint(run / "best.pt", "cpu")
+    meta = dict(getattr(net, "meta", {}))
+    cfg = meta.get("config", {})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dst = out / f"{args.stage}.pt"
+    save_checkpoint(dst, net, meta={k: v for k, v in meta.items() if k != "config"} | {"train_config": cfg}, half=True)
+    data = "?"
+    done = Path(str(cfg.get("train_dir", ""))).expanduser() / "done.json"
+    if done.exists():
+        data = _json.loads(done.read_text())
+    card = CARD.format(
+        stage=args.stage,
+        arch=net.arch,
+        size_mb=dst.stat().st_size / 1e6,
+        dtype="fp16 weights",
+        params=sum(p.numel() for p in net.parameters()) / 1e6,
+        config=_json.dumps(net.cfg.to_dict()),
+        data=_json.dumps(data),
+        step=meta.get("step"),
+        batch=cfg.get("batch_size"),
+        lr=cfg.get("lr"),
+        wall_h=float(meta.get("wall_s", 0)) / 3600,
+        hardware=args.hardware or f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} torch threads",
+        val=_json.dumps(meta.get("val", {})),
+        command=f"osop train {args.stage} --config config/train/{args.stage}.yaml",
+        run_dir=args.run_dir,
+    )
+    (out / f"{args.stage}.md").write_text(card)
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB) and {out / (args.stage + '.md')}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="prepare training shards and train the stage networks")
     s = p.add_subparsers(dest="train_cmd", required=True)
@@ -62,6 +124,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--crop-size", type=int, default=64)
     pp.add_argument("--seed", type=int, default=0)
     pp.set_defaults(func=_prepare)
+    pe = s.add_parser("export", help="best checkpoint of a run -> weights/<stage>.pt (fp16) + model card")
+    pe.add_argument("--stage", required=True, choices=sorted(TASKS))
+    pe.add_argument("--run-dir", required=True, help="training out_dir (holds best.pt)")
+    pe.add_argument("--out", default="weights")
+    pe.add_argument("--hardware", default="", help="text for the model card, e.g. '2-core CPU, no GPU'")
+    pe.set_defaults(func=_export)
     for stage in TASKS:
         t = s.add_parser(stage, help=f"train the stage network '{stage}' (resumable)")
         t.add_argument("--config", required=True, help="training YAML (see config/train/)")

@@ -177,6 +177,29 @@ def rotation_error_sym_deg(R_est: np.ndarray, R_gt: np.ndarray, sym_Ts: list[np.
     return float(np.degrees(np.arccos(np.clip(c.max(), -1.0, 1.0))))
 
 
+def rotation_to_optical_axis(direction_cam: np.ndarray) -> np.ndarray:
+    """(3, 3) smallest rotation taking the unit vector along ``direction_cam`` to the camera +z axis."""
+    a = np.asarray(direction_cam, dtype=np.float64)
+    a = a / max(np.linalg.norm(a), 1e-12)
+    b = np.array([0.0, 0.0, 1.0])
+    v = np.cross(a, b)
+    s, c = np.linalg.norm(v), float(a @ b)
+    if s < 1e-12:
+        return np.eye(3) if c > 0 else np.diag([1.0, -1.0, -1.0])
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx * ((1.0 - c) / s**2)
+
+
+def centred_view_rotation(T_cam_obj: np.ndarray, center_obj: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation of a camera that sees the object like ``T_cam_obj`` but with its centre on the optical axis.
+
+    Removes the perspective off-axis rotation, so the viewpoint of an off-centre instance compares with
+    object-centred templates (which look at the object centre).
+    """
+    c = transform_points(T_cam_obj, np.asarray(center_obj, dtype=np.float64)[None])[0]
+    return rotation_to_optical_axis(c) @ T_cam_obj[:3, :3]
+
+
 def look_at(
     cam_pos_obj: np.ndarray, target_obj: np.ndarray | None = None, up_obj: np.ndarray | None = None
 ) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from osop_ros.core.geometry import CropBox, mask_to_box, transform_points
+from osop_ros.core.geometry import CropBox, centred_view_rotation, mask_to_box
 from osop_ros.core.types import (
     Correspondences,
     InvalidInputError,
@@ -39,19 +39,6 @@ log = logging.getLogger(__name__)
 
 class OracleError(OsopError):
     """An oracle stage was used without the ground truth it needs."""
-
-
-def rotation_to_optical_axis(direction_cam: np.ndarray) -> np.ndarray:
-    """(3, 3) smallest rotation taking the unit vector along ``direction_cam`` to the camera +z axis."""
-    a = np.asarray(direction_cam, dtype=np.float64)
-    a = a / max(np.linalg.norm(a), 1e-12)
-    b = np.array([0.0, 0.0, 1.0])
-    v = np.cross(a, b)
-    s, c = np.linalg.norm(v), float(a @ b)
-    if s < 1e-12:
-        return np.eye(3) if c > 0 else np.diag([1.0, -1.0, -1.0])
-    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + vx + vx @ vx * ((1.0 - c) / s**2)
 
 
 class OracleFrame:
@@ -233,8 +220,7 @@ class OracleMatcher:
     @staticmethod
     def view_rotation(T_cam_obj: np.ndarray, center_obj: np.ndarray) -> np.ndarray:
         """(3, 3) rotation of the GT as seen by a camera turned to look at the object centre."""
-        c = transform_points(T_cam_obj, np.asarray(center_obj, dtype=np.float64)[None])[0]
-        return rotation_to_optical_axis(c) @ T_cam_obj[:3, :3]
+        return centred_view_rotation(T_cam_obj, center_obj)
 
     @staticmethod
     def rotation_errors_deg(

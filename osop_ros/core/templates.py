@@ -495,7 +495,7 @@ class TemplateCache:
         if bank is not None:
             log.info("template cache hit for %s (%s, %.2f s)", model.name, bank.source_dir, time.perf_counter() - t0)
             return bank
-        owned = not hasattr(renderer_factory, "render")
+        owned = isinstance(renderer_factory, type) or not hasattr(renderer_factory, "render")
         renderer = renderer_factory() if owned else renderer_factory  # type: ignore[operator]
         try:
             bank = TemplateBank.build(model, renderer, config, progress=progress)

@@ -24,6 +24,7 @@ import numpy as np
 
 from osop_ros.core.geometry import (
     CropBox,
+    centred_view_rotation,
     make_T,
     mask_to_box,
     random_rotation,
@@ -55,20 +56,8 @@ class PrepareConfig:
 
 
 def centred_rotation(T_cam_obj: np.ndarray, center_obj: np.ndarray) -> np.ndarray:
-    """Rotation of a camera that sees the object like ``T_cam_obj`` but with its centre on the optical axis.
-
-    Removes the perspective "off-axis" rotation so viewpoints of off-centre instances compare with
-    object-centred templates. Returns (3, 3).
-    """
-    c = T_cam_obj[:3, :3] @ center_obj + T_cam_obj[:3, 3]
-    d = c / np.linalg.norm(c)
-    z = np.array([0.0, 0.0, 1.0])
-    axis = np.cross(d, z)
-    s = np.linalg.norm(axis)
-    if s < 1e-9:
-        return T_cam_obj[:3, :3].copy()
-    ang = np.arctan2(s, float(d @ z))
-    return rotation_about_axis(axis / s, ang) @ T_cam_obj[:3, :3]
+    """Viewpoint rotation of an instance as an object-centred template would show it (see geometry)."""
+    return centred_view_rotation(T_cam_obj, center_obj)
 
 
 def perturb_rotation(
