@@ -10,7 +10,7 @@ from osop_ros.nets.backbone import ResNet, ResNetConfig
 from osop_ros.nets.checkpoint import CheckpointError, from_checkpoint, save_checkpoint
 from osop_ros.nets.corrnet import CorrNet, CorrNetConfig, coordinate_targets, decode_coordinates
 from osop_ros.nets.matchnet import MatchNet, MatchNetConfig, rotate_inplane
-from osop_ros.nets.segnet import SegNet, SegNetConfig, dice_loss, pearson_correlation
+from osop_ros.nets.segnet import SegNet, SegNetConfig, colour_histogram, colour_prior, dice_loss, pearson_correlation
 
 TINY = ResNetConfig(widths=(8, 16, 16, 16), blocks=(1, 1, 1, 1))
 
@@ -57,10 +57,28 @@ def test_pearson_correlation_matches_numpy() -> None:
 
 def test_segnet_shapes_and_dice() -> None:
     net = tiny_seg()
-    tv = net.template_vectors(torch.rand(6, 3, 32, 32), torch.ones(6, 1, 32, 32))
+    rgb, mask = torch.rand(6, 3, 32, 32), torch.ones(6, 1, 32, 32)
+    hist = colour_histogram(rgb, mask)
+    tv = net.template_vectors(rgb, mask, hist)
     assert [v.shape for v in tv] == [(6, 8), (6, 16), (6, 16)]
-    out = net(torch.rand(2, 3, 48, 64), [v.view(2, 3, -1) for v in tv])
+    out = net(torch.rand(2, 3, 48, 64), [v.view(2, 3, -1) for v in tv], hist.view(2, 3, -1).mean(1))
     assert out.shape == (2, 1, 48, 64)
+    with pytest.raises(ValueError, match="colour histogram"):
+        net(torch.rand(1, 3, 48, 64), [v[:3].unsqueeze(0) for v in tv])
+
+
+def test_colour_prior_highlights_template_colours() -> None:
+    img = torch.zeros(1, 3, 20, 20)
+    img[0, :, :, :] = torch.tensor([0.2, 0.2, 0.8]).view(3, 1, 1)  # blue background
+    img[0, :, 5:10, 5:10] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # red object
+    tmpl = torch.zeros(1, 3, 8, 8)
+    tmpl[0] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)
+    hist = colour_histogram(tmpl, torch.ones(1, 1, 8, 8))
+    assert hist.sum().item() == pytest.approx(1.0)
+    prior = colour_prior(img, hist)
+    assert prior.shape == (1, 2, 20, 20)
+    assert prior[0, 1, 7, 7] > 0.5 and prior[0, 1, 0, 0] < -0.5
+    assert prior[0, 0, 7, 7] > prior[0, 0, 0, 0]
     t = torch.zeros(1, 1, 4, 4)
     t[..., :2, :2] = 1
     assert dice_loss(torch.where(t > 0, 50.0, -50.0), t).item() == pytest.approx(0.0, abs=1e-4)

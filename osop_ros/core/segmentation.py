@@ -45,22 +45,30 @@ class OneShotSegmenter:
         self.min_area_frac = min_area_frac
 
     @torch.no_grad()
-    def template_vectors(self, obj: OnboardedObject) -> list[torch.Tensor]:
-        """[(1, K, C_l)] on the device, cached in ``obj.extra``; bank features ``seg_o{l}`` are reused."""
+    def template_vectors(self, obj: OnboardedObject) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """[(1, K, C_l)] template vectors and the (1, N_BINS) colour histogram, cached in ``obj.extra``.
+
+        Bank features ``seg_o{l}`` / ``seg_hist`` (written by onboarding) are reused when present.
+        """
         if "seg_tvecs" not in obj.extra:
+            from osop_ros.nets.segnet import colour_histogram
+
             bank = obj.bank
             sel = coarse_view_subset(bank.view_index, self.n_templates)
             feats = bank.features
-            if all(f"seg_o{i + 1}" in feats for i in range(self.net.cfg.n_attention)):
+            n_att = self.net.cfg.n_attention
+            if all(f"seg_o{i + 1}" in feats for i in range(n_att)) and "seg_hist" in feats:
                 vecs = [
                     torch.from_numpy(feats[f"seg_o{i + 1}"][sel].astype(np.float32)).to(self.device)
-                    for i in range(self.net.cfg.n_attention)
+                    for i in range(n_att)
                 ]
+                hist = torch.from_numpy(feats["seg_hist"][sel].astype(np.float32)).to(self.device).mean(0, keepdim=True)
             else:
                 rgb = torch.from_numpy(bank.rgb[sel]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
                 mask = torch.from_numpy(bank.mask[sel].astype(np.float32)).to(self.device).unsqueeze(1)
-                vecs = self.net.template_vectors(rgb, mask)
-            obj.extra["seg_tvecs"] = [v.unsqueeze(0) for v in vecs]
+                hist = colour_histogram(rgb, mask).mean(0, keepdim=True)
+                vecs = self.net.template_vectors(rgb, mask, hist.expand(len(sel), -1))
+            obj.extra["seg_tvecs"] = ([v.unsqueeze(0) for v in vecs], hist)
         return obj.extra["seg_tvecs"]
 
     @torch.no_grad()
@@ -71,7 +79,8 @@ class OneShotSegmenter:
         h = max(32, round(H * w / W))
         small = cv2.resize(obs.rgb, (w, h), interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(small).to(self.device).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-        prob = torch.sigmoid(self.net(x, self.template_vectors(obj)))[0, 0].cpu().numpy()
+        tvecs, hist = self.template_vectors(obj)
+        prob = torch.sigmoid(self.net(x, tvecs, hist))[0, 0].cpu().numpy()
         return cv2.resize(prob, (W, H), interpolation=cv2.INTER_LINEAR)
 
     def __call__(self, obs: Observation, obj: OnboardedObject) -> list[SegmentationResult]:

@@ -26,6 +26,7 @@ class SegNetConfig:
     dec_channels: tuple[int, ...] = (96, 64, 32)
     n_attention: int = 3  # attention after encoder stages 0..n-1
     topk: int = 8
+    colour_prior: bool = True  # 2 extra input channels: colour-histogram back-projection of the templates
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,19 +81,32 @@ class SegNet(nn.Module):
     def __init__(self, cfg: SegNetConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or SegNetConfig()
+        if self.cfg.colour_prior and self.cfg.backbone.in_channels == 3:
+            self.cfg.backbone = ResNetConfig.from_dict({**self.cfg.backbone.to_dict(), "in_channels": 5})
         self.encoder = ResNet(self.cfg.backbone)
         chans = self.encoder.out_channels
         self.attention = nn.ModuleList(PearsonAttention(chans[i], self.cfg.topk) for i in range(self.cfg.n_attention))
         self.decoder = UNetDecoder(chans, list(self.cfg.dec_channels))
         self.head = nn.Conv2d(self.decoder.out_channels, 1, 1)
 
-    def template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def _input(self, rgb: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+        x = normalize_rgb(rgb)
+        if not self.cfg.colour_prior:
+            return x
+        if hist is None:
+            raise ValueError("this SegNet uses a colour prior: pass the object's colour histogram")
+        return torch.cat([x, colour_prior(rgb, hist)], dim=1)
+
+    def template_vectors(
+        self, rgb: torch.Tensor, mask: torch.Tensor, hist: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Per-template vectors ``o1..on``.
 
-        rgb: (T, 3, S, S) float in [0, 1] (normalised inside); mask: (T, 1, S, S) float {0, 1}.
+        rgb: (T, 3, S, S) float in [0, 1] (normalised inside); mask: (T, 1, S, S) float {0, 1};
+        hist: (T, N_BINS) colour histogram of each template's object (see :func:`colour_histogram`).
         Returns n tensors (T, C_l): features averaged over the (downsampled) template mask.
         """
-        x = normalize_rgb(rgb * mask)
+        x = self._input(rgb * mask, hist) * mask
         feats = []
         h = self.encoder.stem(x)
         for stage in self.encoder.stages[: self.cfg.n_attention]:
@@ -101,9 +115,9 @@ class SegNet(nn.Module):
             feats.append((h * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-3))
         return feats
 
-    def forward(self, rgb: torch.Tensor, tvecs: list[torch.Tensor]) -> torch.Tensor:
-        """rgb: (B, 3, H, W) in [0, 1]; tvecs[l]: (B, K, C_l) -> logits (B, 1, H, W)."""
-        h = self.encoder.stem(normalize_rgb(rgb))
+    def forward(self, rgb: torch.Tensor, tvecs: list[torch.Tensor], hist: torch.Tensor | None = None) -> torch.Tensor:
+        """rgb: (B, 3, H, W) in [0, 1]; tvecs[l]: (B, K, C_l); hist: (B, N_BINS) -> logits (B, 1, H, W)."""
+        h = self.encoder.stem(self._input(rgb, hist))
         feats = []
         for i, stage in enumerate(self.encoder.stages):
             h = stage(h)
@@ -112,6 +126,43 @@ class SegNet(nn.Module):
             feats.append(h)
         y = self.head(self.decoder(feats))
         return F.interpolate(y, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+
+
+HIST_SHAPE = (8, 8, 4)  # chromaticity r, chromaticity g, intensity
+N_BINS = HIST_SHAPE[0] * HIST_SHAPE[1] * HIST_SHAPE[2]
+
+
+def colour_bins(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W) int64 bin of (r/(r+g+b), g/(r+g+b), intensity)."""
+    s = rgb.sum(1).clamp_min(1e-3)
+    r = (rgb[:, 0] / s * HIST_SHAPE[0]).long().clamp(0, HIST_SHAPE[0] - 1)
+    g = (rgb[:, 1] / s * HIST_SHAPE[1]).long().clamp(0, HIST_SHAPE[1] - 1)
+    i = (s / 3 * HIST_SHAPE[2]).long().clamp(0, HIST_SHAPE[2] - 1)
+    return (r * HIST_SHAPE[1] + g) * HIST_SHAPE[2] + i
+
+
+def colour_histogram(rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised colour histograms of masked pixels: (T, 3, S, S), (T, 1, S, S) -> (T, N_BINS)."""
+    bins = colour_bins(rgb).flatten(1)
+    w = mask.flatten(1).to(rgb.dtype)
+    h = torch.zeros(rgb.shape[0], N_BINS, dtype=rgb.dtype, device=rgb.device).scatter_add_(1, bins, w)
+    return h / h.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def colour_prior(rgb: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """Back-projection of an object's colour histogram (Swain-Ballard ratio histogram).
+
+    rgb: (B, 3, H, W) in [0, 1]; hist: (B, N_BINS) -> (B, 2, H, W): the object's colour likelihood
+    (sqrt-scaled) and the log ratio of object to image colour frequency (clamped, scaled to [-1, 1]).
+    """
+    bins = colour_bins(rgb)
+    b = bins.flatten(1)
+    img = torch.zeros_like(hist).scatter_add_(1, b, torch.ones_like(b, dtype=hist.dtype))
+    img = img / img.sum(1, keepdim=True).clamp_min(1.0)
+    p_obj = torch.gather(hist, 1, b).view_as(bins)
+    p_img = torch.gather(img, 1, b).view_as(bins)
+    ratio = torch.log((p_obj + 1e-4) / (p_img + 1e-4)).clamp(-4, 4) / 4
+    return torch.stack([p_obj.clamp_min(0).sqrt() * 2 - 1, ratio], dim=1)
 
 
 def normalize_rgb(x: torch.Tensor) -> torch.Tensor:

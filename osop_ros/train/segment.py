@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osop_ros.nets.segnet import SegNet, SegNetConfig, dice_loss
+from osop_ros.nets.segnet import SegNet, SegNetConfig, colour_histogram, dice_loss
 from osop_ros.train.data import color_jitter, load_objects, load_shards, random_blur, to_tensor_mask, to_tensor_rgb
 
 
@@ -61,16 +61,17 @@ class SegmentTask:
 
     def _tvecs(
         self, model: nn.Module, objs: dict[str, np.ndarray], rows: list[int], views: np.ndarray, device: torch.device
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Template vectors [(B, K, C_l)] and colour histograms (B, N_BINS) of the queried objects."""
         rgb = objs["rgb"][rows][:, views]  # (B, K, S, S, 3)
         mask = objs["mask"][rows][:, views]
         b, k = rgb.shape[:2]
         net = model.module if hasattr(model, "module") else model
-        vecs = net.template_vectors(
-            to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device),
-            to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device),
-        )
-        return [v.view(b, k, -1) for v in vecs]
+        r = to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device)
+        m = to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device)
+        hist = colour_histogram(r, m).view(b, k, -1).mean(1)
+        vecs = net.template_vectors(r, m, hist.repeat_interleave(k, 0))
+        return [v.view(b, k, -1) for v in vecs], hist
 
     def step(self, model: nn.Module, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
         B = self.batch_size
@@ -93,7 +94,8 @@ class SegmentTask:
         views = rng.choice(V, size=min(k, V), replace=False)
         x = random_blur(color_jitter(to_tensor_rgb(np.stack(imgs), device), self.gen), self.gen)
         t = to_tensor_mask(np.stack(targets).astype(np.float32), device)
-        logits = model(x, self._tvecs(model, self.tobj, rows, views, device))
+        tvecs, hist = self._tvecs(model, self.tobj, rows, views, device)
+        logits = model(x, tvecs, hist)
         l_dice = dice_loss(logits, t)
         l_bce = F.binary_cross_entropy_with_logits(logits, t)
         return {"loss": l_dice + l_bce, "dice": l_dice.detach(), "bce": l_bce.detach()}
@@ -111,10 +113,8 @@ class SegmentTask:
             queries = [(o, True) for o in present[:2]] + ([(absent[i % len(absent)], False)] if absent else [])
             for oid, is_present in queries:
                 x = to_tensor_rgb(self.val["rgb"][i : i + 1], device)
-                pred = (
-                    torch.sigmoid(model(x, self._tvecs(model, self.vobj, [self.v_index[oid]], views, device)))[0, 0]
-                    > 0.5
-                )
+                tvecs, hist = self._tvecs(model, self.vobj, [self.v_index[oid]], views, device)
+                pred = torch.sigmoid(model(x, tvecs, hist))[0, 0] > 0.5
                 if is_present:
                     gt = torch.from_numpy(self.val["objmap"][i] == oid).to(device)
                     union = (pred | gt).sum().item()
