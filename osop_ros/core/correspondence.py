@@ -32,6 +32,7 @@ class DenseCorrespondence:
     ) -> list[Correspondences]:
         from osop_ros.nets.corrnet import CorrNet, decode_coordinates
         from osop_ros.nets.matchnet import rotate_inplane
+        from osop_ros.nets.tensors import mask_tensor, rgb_tensor, xyz_tensor
 
         bank = obj.bank
         S = bank.crop_size
@@ -41,14 +42,16 @@ class DenseCorrespondence:
         dev = self.device
         center = torch.from_numpy(np.asarray(obj.model.center, np.float32)).to(dev).view(1, 3, 1, 1)
         diam = float(obj.model.diameter)
-        t_rgb = torch.from_numpy(bank.rgb[ids]).to(dev).permute(0, 3, 1, 2).float() / 255.0
-        t_mask = torch.from_numpy(bank.mask[ids].astype(np.float32)).to(dev).unsqueeze(1)
-        t_xyz = torch.from_numpy(bank.xyz[ids].astype(np.float32)).to(dev).permute(0, 3, 1, 2)
+        t_rgb, t_mask, t_xyz = (
+            rgb_tensor(bank.rgb[ids], dev),
+            mask_tensor(bank.mask[ids], dev),
+            xyz_tensor(bank.xyz[ids], dev),
+        )
         d = torch.from_numpy(np.asarray(match.inplane_deg, np.float32)).to(dev)
         t_rgb, t_mask, t_xyz = rotate_inplane(t_rgb, d), rotate_inplane(t_mask, d, True), rotate_inplane(t_xyz, d, True)
         t_xyz_n = ((t_xyz - center) / diam + 0.5) * t_mask
-        qr = torch.from_numpy(q_rgb).to(dev).permute(2, 0, 1).float().unsqueeze(0).expand(k, -1, -1, -1) / 255.0
-        qm = torch.from_numpy(q_mask.astype(np.float32)).to(dev).view(1, 1, S, S).expand(k, -1, -1, -1)
+        qr = rgb_tensor(q_rgb, dev).expand(k, -1, -1, -1)
+        qm = mask_tensor(q_mask, dev).expand(k, -1, -1, -1)
         mask_logit, coord_logits = self.net(CorrNet.make_input(qr, qm, t_rgb, t_mask, t_xyz_n))
         coords, peak = decode_coordinates(coord_logits)
         pm = torch.sigmoid(mask_logit[:, 0]).cpu().numpy()

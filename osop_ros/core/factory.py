@@ -63,11 +63,10 @@ def extract_bank_features(bank, nets: Networks, batch: int = 256) -> dict[str, n
     """
     from osop_ros.core.segmentation import coarse_view_subset
     from osop_ros.nets.segnet import colour_histogram
+    from osop_ros.nets.tensors import mask_tensor, rgb_tensor
 
     def tensors(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb = torch.from_numpy(bank.rgb[idx]).to(nets.device).permute(0, 3, 1, 2).float() / 255.0
-        mask = torch.from_numpy(bank.mask[idx].astype(np.float32)).to(nets.device).unsqueeze(1)
-        return rgb, mask
+        return rgb_tensor(bank.rgb[idx], nets.device), mask_tensor(bank.mask[idx], nets.device)
 
     obj_hist = colour_histogram(*tensors(coarse_view_subset(bank.view_index))).mean(0, keepdim=True)
     out: dict[str, list[np.ndarray]] = {}

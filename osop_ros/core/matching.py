@@ -34,9 +34,9 @@ def query_crop(
 
 
 def _to_t(rgb: np.ndarray, mask: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    m = torch.from_numpy(np.ascontiguousarray(mask)).to(device).unsqueeze(1).float()
-    return r, m
+    from osop_ros.nets.tensors import mask_tensor, rgb_tensor
+
+    return rgb_tensor(rgb, device), mask_tensor(mask, device)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 from osop_ros.core.geometry import mask_to_box
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import Observation, SegmentationResult
+from osop_ros.nets.tensors import mask_tensor, rgb_tensor
 
 
 def coarse_view_subset(view_index: np.ndarray, n_target: int = 48) -> np.ndarray:
@@ -64,8 +65,7 @@ class OneShotSegmenter:
                 ]
                 hist = torch.from_numpy(feats["seg_hist"][sel].astype(np.float32)).to(self.device).mean(0, keepdim=True)
             else:
-                rgb = torch.from_numpy(bank.rgb[sel]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-                mask = torch.from_numpy(bank.mask[sel].astype(np.float32)).to(self.device).unsqueeze(1)
+                rgb, mask = rgb_tensor(bank.rgb[sel], self.device), mask_tensor(bank.mask[sel], self.device)
                 hist = colour_histogram(rgb, mask).mean(0, keepdim=True)
                 vecs = self.net.template_vectors(rgb, mask, hist.expand(len(sel), -1))
             obj.extra["seg_tvecs"] = ([v.unsqueeze(0) for v in vecs], hist)
@@ -78,7 +78,7 @@ class OneShotSegmenter:
         w = self.input_width
         h = max(32, round(H * w / W))
         small = cv2.resize(obs.rgb, (w, h), interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(small).to(self.device).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        x = rgb_tensor(small, self.device)
         tvecs, hist = self.template_vectors(obj)
         prob = torch.sigmoid(self.net(x, tvecs, hist))[0, 0].cpu().numpy()
         return cv2.resize(prob, (W, H), interpolation=cv2.INTER_LINEAR)

@@ -7,7 +7,9 @@ train/eval behaviour stays identical.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,8 +74,34 @@ class Bottleneck(nn.Module):
         return self.act(self.body(x) + (x if self.skip is None else self.skip(x)))
 
 
+class DictConfig:
+    """Plain-dict (de)serialisation of network configs stored in checkpoints.
+
+    Tuples become lists; nested configs (fields whose default is a ``DictConfig``) become dicts.
+    ``from_dict`` restores tuples and nested configs from the field defaults' types.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, DictConfig) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        defaults = cls()
+        kwargs = {}
+        for k, v in d.items():
+            ref = getattr(defaults, k)
+            kwargs[k] = (
+                type(ref).from_dict(v) if isinstance(ref, DictConfig) else tuple(v) if isinstance(ref, tuple) else v
+            )
+        return cls(**kwargs)
+
+
 @dataclass
-class ResNetConfig:
+class ResNetConfig(DictConfig):
     """Backbone shape. ``stem_stride`` 2 or 4 (4 adds a max-pool like torchvision ResNets)."""
 
     in_channels: int = 3
@@ -90,19 +118,6 @@ class ResNetConfig:
     @classmethod
     def resnet50(cls, in_channels: int = 3) -> ResNetConfig:
         return cls(in_channels, (64, 128, 256, 512), (3, 4, 6, 3), "bottleneck", 4)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        d["blocks"] = list(self.blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ResNetConfig:
-        d = dict(d)
-        d["widths"] = tuple(d["widths"])
-        d["blocks"] = tuple(d["blocks"])
-        return cls(**d)
 
 
 class ResNet(nn.Module):

@@ -10,18 +10,18 @@ is mask probability x the product of per-axis peak probabilities.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osop_ros.nets.backbone import ResNet, ResNetConfig, UNetDecoder, conv_block
+from osop_ros.nets.backbone import DictConfig, ResNet, ResNetConfig, UNetDecoder, conv_block
 from osop_ros.nets.segnet import normalize_rgb
 
 
 @dataclass
-class CorrNetConfig:
+class CorrNetConfig(DictConfig):
     """Architecture of :class:`CorrNet`."""
 
     backbone: ResNetConfig = field(
@@ -30,19 +30,6 @@ class CorrNetConfig:
     dec_channels: tuple[int, ...] = (96, 64, 48)
     crop_size: int = 64
     n_bins: int = 32
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        d["dec_channels"] = list(self.dec_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CorrNetConfig:
-        d = dict(d)
-        d["backbone"] = ResNetConfig.from_dict(d["backbone"])
-        d["dec_channels"] = tuple(d["dec_channels"])
-        return cls(**d)
 
 
 class CorrNet(nn.Module):

@@ -10,35 +10,24 @@ model card for why this beat the autoencoder interpretation).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osop_ros.nets.backbone import ResNet, ResNetConfig, norm
+from osop_ros.nets.backbone import DictConfig, ResNet, ResNetConfig, norm
 from osop_ros.nets.segnet import normalize_rgb
 
 
 @dataclass
-class MatchNetConfig:
+class MatchNetConfig(DictConfig):
     """Architecture of :class:`MatchNet`; inputs are ``crop_size`` squares with 4 channels."""
 
     backbone: ResNetConfig = field(default_factory=lambda: ResNetConfig(in_channels=4, widths=(32, 64, 96, 128)))
     crop_size: int = 64
     latent_dim: int = 128
     reduce_channels: int = 32
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MatchNetConfig:
-        d = dict(d)
-        d["backbone"] = ResNetConfig.from_dict(d["backbone"])
-        return cls(**d)
 
 
 class MatchNet(nn.Module):

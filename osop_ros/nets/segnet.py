@@ -9,17 +9,17 @@ dictionary costs only ``2880 x (c1 + c2 + c3)`` numbers (fp16 on disk).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osop_ros.nets.backbone import ResNet, ResNetConfig, UNetDecoder, norm
+from osop_ros.nets.backbone import DictConfig, ResNet, ResNetConfig, UNetDecoder, norm
 
 
 @dataclass
-class SegNetConfig:
+class SegNetConfig(DictConfig):
     """Architecture of :class:`SegNet`."""
 
     backbone: ResNetConfig = field(default_factory=ResNetConfig)
@@ -27,19 +27,6 @@ class SegNetConfig:
     n_attention: int = 3  # attention after encoder stages 0..n-1
     topk: int = 8
     colour_prior: bool = True  # 2 extra input channels: colour-histogram back-projection of the templates
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        d["dec_channels"] = list(self.dec_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SegNetConfig:
-        d = dict(d)
-        d["backbone"] = ResNetConfig.from_dict(d["backbone"])
-        d["dec_channels"] = tuple(d["dec_channels"])
-        return cls(**d)
 
 
 def pearson_correlation(f: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

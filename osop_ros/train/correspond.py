@@ -17,6 +17,7 @@ from torch import nn
 
 from osop_ros.nets.corrnet import CorrNet, CorrNetConfig, coordinate_targets, decode_coordinates
 from osop_ros.nets.segnet import dice_loss
+from osop_ros.nets.tensors import xyz_tensor
 from osop_ros.train.data import (
     affine_grid,
     color_jitter,
@@ -62,10 +63,10 @@ class CorrespondTask:
     def _batch(self, data: dict[str, np.ndarray], idx: np.ndarray, device: torch.device, augment: bool):
         q_rgb = to_tensor_rgb(data["q_rgb"][idx], device)
         q_mask = to_tensor_mask(data["q_mask"][idx], device)
-        q_xyz = torch.from_numpy(data["q_xyz"][idx].astype(np.float32)).to(device).permute(0, 3, 1, 2)
+        q_xyz = xyz_tensor(data["q_xyz"][idx], device)
         t_rgb = to_tensor_rgb(data["t_rgb"][idx], device)
         t_mask = to_tensor_mask(data["t_mask"][idx], device)
-        t_xyz = torch.from_numpy(data["t_xyz"][idx].astype(np.float32)).to(device).permute(0, 3, 1, 2)
+        t_xyz = xyz_tensor(data["t_xyz"][idx], device)
         center = torch.from_numpy(data["center"][idx]).to(device)
         diam = torch.from_numpy(data["diameter"][idx]).to(device)
         if augment:

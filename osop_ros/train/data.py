@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from osop_ros.core.types import InvalidInputError
+from osop_ros.nets.tensors import mask_tensor as to_tensor_mask
+from osop_ros.nets.tensors import rgb_tensor as to_tensor_rgb
+
+__all__ = ["to_tensor_mask", "to_tensor_rgb"]  # re-exported for the training tasks
 
 
 def load_shards(directory: Path, prefix: str) -> dict[str, np.ndarray]:
@@ -33,16 +37,6 @@ def load_objects(directory: Path) -> dict[str, np.ndarray]:
         raise InvalidInputError(f"missing {path} (run `osop train prepare` first)")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-def to_tensor_rgb(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float() / 255.0
-
-
-def to_tensor_mask(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W) {0,1} -> (B, 1, H, W) float."""
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device).unsqueeze(1).float()
 
 
 def color_jitter(x: torch.Tensor, gen: torch.Generator, strength: float = 0.3) -> torch.Tensor:
