@@ -22,7 +22,7 @@ from osop_ros.nets.backbone import DictConfig, ResNet, ResNetConfig, UNetDecoder
 class SegNetConfig(DictConfig):
     """Architecture of :class:`SegNet`."""
 
-    backbone: ResNetConfig = field(default_factory=ResNetConfig)
+    backbone: ResNetConfig = field(default_factory=lambda: ResNetConfig(stem_stride=4))
     dec_channels: tuple[int, ...] = (96, 64, 32)
     n_attention: int = 3  # attention after encoder stages 0..n-1
     topk: int = 8
