@@ -182,6 +182,24 @@ def test_segment_and_match_steps(shards: Path, tmp_path: Path) -> None:
     res = run_training(match, cfg)
     assert res["step"] == 4
     assert 0.0 <= res["best"] <= 180.0
+    ae_cfg = {**TINY_MATCH, "objective": "autoencoder"}
+    cfg = _cfg(shards, "match", tmp_path / "match_ae", model=ae_cfg)
+    cfg.max_steps = 2
+    ae = MatchTask(
+        cfg.path("train_dir"),
+        cfg.path("val_dir"),
+        8,
+        ae_cfg,
+        {
+            "queries_per_object": 2,
+            "views_per_object": 3,
+            "meshes_dir": str(shards / "meshes"),
+            "val_objects": 2,
+            "max_val": 4,
+        },
+    )
+    assert run_training(ae, cfg)["step"] == 2
+    assert from_checkpoint(tmp_path / "match_ae" / "best.pt", "cpu").decoder is not None
 
 
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:

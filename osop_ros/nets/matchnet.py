@@ -28,6 +28,7 @@ class MatchNetConfig(DictConfig):
     crop_size: int = 64
     latent_dim: int = 128
     reduce_channels: int = 32
+    objective: str = "contrastive"  # contrastive | autoencoder (adds a training-only decoder)
 
 
 class MatchNet(nn.Module):
@@ -48,11 +49,35 @@ class MatchNet(nn.Module):
             n = self.encoder(torch.zeros(1, self.cfg.backbone.in_channels, s, s))[-1].shape[-1]
         self.fc = nn.Linear(self.cfg.reduce_channels * n * n, self.cfg.latent_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.3))  # exp(2.3) ~ 10: learnable temperature
+        self.decoder = AEDecoder(self.cfg.latent_dim, s) if self.cfg.objective == "autoencoder" else None
 
-    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def embed_raw(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latent (N, latent_dim) (the autoencoder's code)."""
         x = torch.cat([normalize_rgb(rgb * mask), mask * 2.0 - 1.0], dim=1)
         h = F.relu(self.reduce(self.encoder(x)[-1]))
-        return F.normalize(self.fc(h.flatten(1)), dim=-1)
+        return self.fc(h.flatten(1))
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed_raw(rgb, mask), dim=-1)
+
+
+class AEDecoder(nn.Module):
+    """Latent -> (N, 3, S, S) image in [0, 1] (augmented-autoencoder objective, training only)."""
+
+    def __init__(self, latent_dim: int, size: int) -> None:
+        super().__init__()
+        self.n0 = size // 16
+        self.fc = nn.Linear(latent_dim, 64 * self.n0 * self.n0)
+        layers: list[nn.Module] = []
+        c = 64
+        for c_out in (64, 48, 32, 16):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c_out, 3, 1, 1), nn.ReLU(inplace=True)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 3, 3, 1, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body(self.fc(z).view(-1, 64, self.n0, self.n0)))
 
 
 def rotate_inplane(x: torch.Tensor, deg: torch.Tensor, nearest: bool = False) -> torch.Tensor:

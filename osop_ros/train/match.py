@@ -114,6 +114,9 @@ class MatchTask:
         q_rgb = random_blur(color_jitter(q_rgb, self.gen), self.gen)
         q_rgb, q_mask = random_cutout(q_rgb, q_mask, self.gen, p=0.2)
         q_mask = mask_noise(q_mask, self.gen)
+        net = model.module if hasattr(model, "module") else model
+        if net.cfg.objective == "autoencoder":
+            return self._ae_step(model, net, q_rgb, q_mask, q_idx_a, device)
         tr = to_tensor_rgb(np.concatenate(t_rgb), device)
         tm = to_tensor_mask(np.concatenate(t_mask), device)
         eq = self._embed(model, q_rgb, q_mask)
@@ -128,12 +131,30 @@ class MatchTask:
         same = q_obj_a[:, None] == t_obj_a[None, :]
         target = np.where(same, np.exp(-0.5 * (ang / self.sigma) ** 2), 0.0)
         target = target / target.sum(1, keepdims=True).clip(1e-8)
-        net = model.module if hasattr(model, "module") else model
         logits = net.logit_scale.exp().clamp(max=100) * eq @ et.T
         loss = -(torch.from_numpy(target).float().to(device) * logits.log_softmax(1)).sum(1).mean()
         with torch.no_grad():
             top1 = ang[np.arange(len(q_idx_a)), logits.argmax(1).cpu().numpy()]
         return {"loss": loss, "top1_angle": torch.tensor(float(np.median(top1)))}
+
+    def _ae_step(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        q_rgb: torch.Tensor,
+        q_mask: torch.Tensor,
+        q_idx: np.ndarray,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """Augmented-autoencoder objective: reconstruct the clean rendering of the query's view from the
+        augmented crop; bootstrapped L2 = mean of the 25 % largest per-pixel errors of each sample."""
+        target = to_tensor_rgb(self.train["t_rgb"][q_idx], device) * to_tensor_mask(self.train["t_mask"][q_idx], device)
+        z = net.embed_raw(q_rgb, q_mask)
+        rec = net.decoder(z)
+        err = ((rec - target) ** 2).sum(1).flatten(1)
+        k = max(1, err.shape[1] // 4)
+        loss = err.topk(k, dim=1).values.mean()
+        return {"loss": loss}
 
     def _build_val(self) -> dict[str, Any]:
         from osop_ros.core.mesh import ObjectModel
