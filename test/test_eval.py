@@ -309,5 +309,8 @@ def test_cli_eval(synth: Path, tmp_path: Path, capsys) -> None:
     assert "RGB AR = mean(MSSD, MSPD) over all 2 targets = 1.000" in out
     assert (tmp_path / "o.json").is_file()
     # a learned stage that is not available: clear error, exit code 2
-    assert main(["eval", "--dataset", str(synth), "--out", str(tmp_path / "x.csv"), "--no-progress"]) == 2
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    assert main(["eval", "--dataset", str(synth), "--out", str(tmp_path / "x.csv"), "--no-progress",
+                 "--weights-dir", str(no_weights)]) == 2
     assert "learned segmenter, matcher not available" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class StageEvalOptions:
     device: str = "auto"
     weights_dir: Path | None = None
     cache_dir: Path | None = None
+    template_config: Any | None = None  # TemplateConfig; None = the default 2880-view bank
 
 
 def _rot_err(R_est: np.ndarray, R_gt: np.ndarray, sym_Ts: list[np.ndarray]) -> float:
@@ -66,7 +68,7 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     )
     nets = Networks.load(load_config({"device": opts.device, "weights": weights}))
     ds = BopDataset(opts.dataset, opts.split)
-    targets = [t for t in ds.targets() if opts.objects is None or t.obj_id in opts.objects]
+    targets = [t for t in ds.targets if opts.objects is None or t.obj_id in opts.objects]
     obj_ids = sorted({t.obj_id for t in targets})
     cache = TemplateCache(opts.cache_dir)
     renderer = Renderer()
@@ -74,7 +76,7 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     keys = {}
     for oid in obj_ids:
         model = ObjectModel.load(ds.model_path(oid), units="mm", name=f"obj_{oid:06d}", symmetries=ds.symmetries(oid))
-        bank = cache.get_or_build(model, renderer, TemplateConfig(), progress=False)
+        bank = cache.get_or_build(model, renderer, opts.template_config or TemplateConfig(), progress=False)
         objects[oid] = OnboardedObject(model.name, model, bank, symmetry_transforms(model.symmetries), obj_id=oid)
         keys[oid] = f"eval{oid}"
         renderer.add_object(keys[oid], model)
@@ -101,6 +103,8 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
             for gi, g in enumerate(gts):
                 if g.obj_id != tg.obj_id or g.visib_fract < opts.min_visib or vis[gi].sum() < 50:
                     continue
+                if n >= opts.max_targets:
+                    break
                 n += 1
                 # stage 1
                 prob = seg.probability(obs, obj)

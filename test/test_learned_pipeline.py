@@ -1,0 +1,107 @@
+"""The learned stages plugged into `osop eval`, `osop eval-stages` and the factory, with tiny random networks.
+
+These are smoke tests of the wiring (shapes, devices, caches, CSV/JSON outputs); they never judge
+accuracy (random weights) — that is what the eval commands and model cards are for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval import _options, _tcfg, renderer, synth  # noqa: F401 - pytest fixtures
+
+from osop_ros.nets.backbone import ResNetConfig
+from osop_ros.nets.checkpoint import save_checkpoint
+from osop_ros.nets.corrnet import CorrNet, CorrNetConfig
+from osop_ros.nets.matchnet import MatchNet, MatchNetConfig
+from osop_ros.nets.segnet import SegNet, SegNetConfig
+
+pytestmark = pytest.mark.gl
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("weights")
+    small = ResNetConfig(widths=(8, 8, 16, 16))
+    save_checkpoint(d / "segment.pt", SegNet(SegNetConfig(backbone=small, dec_channels=(8, 8, 8), topk=4)))
+    save_checkpoint(
+        d / "match.pt",
+        MatchNet(
+            MatchNetConfig(backbone=ResNetConfig(in_channels=4, widths=(8, 8, 16, 16)), crop_size=48, reduce_channels=8)
+        ),
+    )
+    save_checkpoint(
+        d / "correspond.pt",
+        CorrNet(
+            CorrNetConfig(
+                backbone=ResNetConfig(in_channels=11, widths=(8, 8, 16, 16)), dec_channels=(8, 8, 8), n_bins=16
+            )
+        ),
+    )
+    return d
+
+
+def test_eval_with_learned_stages(synth: Path, tmp_path: Path, renderer, tiny_weights: Path) -> None:  # noqa: F811
+    from osop_ros.eval.runner import default_stage_factory, run_eval
+
+    assert default_stage_factory("cpu", tmp_path) is None  # no weights there -> unavailable
+    factory = default_stage_factory("cpu", tiny_weights)
+    run = run_eval(
+        _options(synth, tmp_path, oracle=(), correspondence="learned", modality="rgbd"),
+        stage_factory=factory,
+        renderer=renderer,
+        print_fn=None,
+    )
+    assert run.summary["label"] == "no oracle"
+    assert set(run.summary["stages"].values()) >= {"OneShotSegmenter", "TemplateMatcher", "DenseCorrespondence"}
+    assert run.csv_path.is_file() and run.report.n_targets > 0
+
+
+def test_eval_stages_runs(synth: Path, tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    from osop_ros.eval.stages import StageEvalOptions, evaluate_stages
+
+    s = evaluate_stages(
+        StageEvalOptions(
+            dataset=synth,
+            device="cpu",
+            weights_dir=tiny_weights,
+            cache_dir=tmp_path,
+            template_config=_tcfg(),
+            max_targets=3,
+        )
+    )
+    assert s["n_instances"] == 3
+    assert 0.0 <= s["stage1_mean_iou"] <= 1.0
+    assert 0.0 <= s["stage2_median_rot_err_deg"] <= 180.0
+    assert s["stage3_median_coord_err_pct_diam"] >= 0.0
+
+
+def test_build_pipeline_and_features_cache(tmp_path: Path, tiny_weights: Path) -> None:
+    """Pipeline.from config: bank + network features are cached; a second build reuses both."""
+    import time
+
+    from osop_ros.core.config import load_config
+    from osop_ros.core.factory import build_pipeline
+    from osop_ros.demo import make_demo_scene
+
+    cfg = {
+        "objects": [{"name": "example", "mesh": "package://osop_ros/assets/example_object.ply", "units": "m"}],
+        "device": "cpu",
+        "weights": {s: str(tiny_weights / f"{s}.pt") for s in ("segment", "match", "correspond")},
+        "templates": {"cache_dir": str(tmp_path), "crop_size": 48, "n_elevations": 4, "n_azimuths": 8, "n_inplane": 2},
+    }
+    pipe = build_pipeline(load_config(cfg))
+    assert [o.name for o in pipe.objects] == ["example"]
+    feats = pipe.objects[0].bank.features
+    assert {"seg_o1", "seg_o2", "seg_o3", "seg_hist", "match"} <= set(feats)
+    assert all(len(v) == 64 for v in feats.values())
+    t0 = time.perf_counter()
+    pipe2 = build_pipeline(load_config(cfg))
+    assert time.perf_counter() - t0 < 30
+    assert (pipe2.objects[0].bank.features["match"] == feats["match"]).all()
+    scene = make_demo_scene(seed=1, width=160, height=120)
+    for est in pipe2(scene.obs):  # random weights: any outcome, but well-formed
+        assert est.T_cam_obj.shape == (4, 4) and 0.0 <= est.score <= 1.0
