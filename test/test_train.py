@@ -156,6 +156,14 @@ def test_correspond_train_resume(shards: Path, tmp_path: Path) -> None:
     half = torch.load(tmp_path / "w" / "correspond.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in half["state_dict"].values() if v.is_floating_point())
     assert from_checkpoint(tmp_path / "w" / "correspond.pt", "cpu", arch="corrnet") is not None
+    # warm start of a new run from the exported weights continues the step count of the kept checkpoint
+    cfg2 = _cfg(
+        shards, "correspond", tmp_path / "corr2", model=TINY_CORR, init_from=str(tmp_path / "w" / "correspond.pt")
+    )
+    cfg2.max_steps = 8
+    assert run_training(task, cfg2)["step"] == 8
+    first = json.loads(torch.load(tmp_path / "corr2" / "last.pt", weights_only=True)["history"])["val"][0]["step"]
+    assert first > 2
 
 
 def test_segment_and_match_steps(shards: Path, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"
     amp: bool = True  # autocast on CUDA only
+    init_from: str = ""  # warm start from these weights (e.g. weights/<stage>.pt) when out_dir has no last.pt
     model: dict[str, Any] = field(default_factory=dict)  # architecture overrides
     task: dict[str, Any] = field(default_factory=dict)  # stage-specific options
 
@@ -145,6 +146,14 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
         history = json.loads(st["history"])
         rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
         log.info("resumed %s at step %d (best %s)", last, step, best)
+    elif cfg.init_from:
+        from osop_ros.nets.checkpoint import load_checkpoint_dict
+
+        ck = load_checkpoint_dict(os.path.expanduser(cfg.init_from))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        step = int(ck.get("meta", {}).get("step", 0))
+        wall = float(ck.get("meta", {}).get("wall_s", 0.0))
+        log.info("warm start from %s (step %d of its run)", cfg.init_from, step)
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
