@@ -120,6 +120,7 @@ def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - retur
     from osop_ros.core.pipeline import Pipeline
     from osop_ros.core.segmentation import OneShotSegmenter
     from osop_ros.core.solver import PoseSolver, SolverConfig
+    from osop_ros.core.tracking import IcpTracker
     from osop_ros.core.types import OsopError
 
     if not isinstance(cfg, OsopConfig):
@@ -140,6 +141,8 @@ def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - retur
         correspondence=DenseCorrespondence(nets.corrnet, nets.device),
         solver=PoseSolver(solver_cfg),
         max_instances=p.max_instances,
+        tracker=IcpTracker() if p.tracking else None,
+        modality=p.modality,
     )
     pipe.config = cfg
     pipe.networks = nets

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from osop_ros.core.stages import (
     CorrespondenceEstimator,
@@ -13,9 +14,15 @@ from osop_ros.core.stages import (
     PoseSolverStage,
     Segmenter,
 )
-from osop_ros.core.types import Observation, PoseEstimate, PoseFailure
+from osop_ros.core.types import InvalidInputError, Observation, PoseEstimate, PoseFailure
 
 log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """Refines the previous pose of an object in a new frame, or returns None to request the full pipeline."""
+
+    def __call__(self, obs: Observation, obj: OnboardedObject, prev: PoseEstimate) -> PoseEstimate | None: ...
 
 
 class Pipeline:
@@ -33,13 +40,20 @@ class Pipeline:
         correspondence: CorrespondenceEstimator,
         solver: PoseSolverStage,
         max_instances: int = 1,
+        tracker: Tracker | None = None,
+        modality: str = "auto",
     ) -> None:
+        if modality not in ("auto", "rgb", "rgbd"):
+            raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
+        self.modality = modality
         self.objects = list(objects)
         self.segmenter = segmenter
         self.matcher = matcher
         self.correspondence = correspondence
         self.solver = solver
         self.max_instances = max_instances
+        self.tracker = tracker
+        self._last: dict[str, PoseEstimate] = {}
 
     def add_object(self, obj: OnboardedObject) -> None:
         """Register another onboarded object (replaces one with the same name)."""
@@ -48,6 +62,10 @@ class Pipeline:
     def __call__(self, obs: Observation, objects: Sequence[str] | None = None) -> list[PoseEstimate]:
         """Estimate poses of every (or the named) object in ``obs``; failures are logged, not raised."""
         obs.validate()
+        if self.modality == "rgb" and obs.depth is not None:
+            obs = Observation(obs.rgb, obs.camera, None)
+        elif self.modality == "rgbd" and obs.depth is None:
+            raise InvalidInputError("pipeline modality is rgbd but the observation has no depth image")
         out: list[PoseEstimate] = []
         for obj in self.objects:
             if objects is not None and obj.name not in objects:
@@ -55,8 +73,28 @@ class Pipeline:
             out.extend(self.estimate_object(obs, obj))
         return out
 
+    def reset_tracking(self) -> None:
+        """Forget previous poses (next frame runs the full pipeline)."""
+        self._last.clear()
+
     def estimate_object(self, obs: Observation, obj: OnboardedObject) -> list[PoseEstimate]:
-        """All instances of one object; each estimate carries per-stage diagnostics and timings."""
+        """All instances of one object; each estimate carries per-stage diagnostics and timings.
+
+        With a tracker and a previous pose, ICP-only tracking is tried first (single instance); when it
+        fails the four stages run as usual.
+        """
+        if self.tracker is not None and obj.name in self._last:
+            tracked = self.tracker(obs, obj, self._last[obj.name])
+            if tracked is not None:
+                self._last[obj.name] = tracked
+                return [tracked]
+            del self._last[obj.name]
+        estimates = self._full(obs, obj)
+        if self.tracker is not None and estimates:
+            self._last[obj.name] = estimates[0]
+        return estimates
+
+    def _full(self, obs: Observation, obj: OnboardedObject) -> list[PoseEstimate]:
         t0 = time.perf_counter()
         segs = self.segmenter(obs, obj)[: self.max_instances]
         t_seg = time.perf_counter() - t0
