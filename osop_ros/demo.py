@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from osop_ros.core.geometry import make_T, random_rotation, rotation_error_sym_deg, transform_points
+from osop_ros.core.geometry import (
+    look_at,
+    make_T,
+    random_rotation,
+    rotation_about_axis,
+    rotation_error_sym_deg,
+    transform_points,
+)
 from osop_ros.core.types import CameraIntrinsics, Observation
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,16 @@ def _distractors(rng: np.random.Generator) -> list[trimesh.Trimesh]:
     return out
 
 
+def tabletop_rotation(
+    rng: np.random.Generator, el_deg: tuple[float, float] = (10.0, 75.0), roll_deg: float = 30.0
+) -> np.ndarray:
+    """R_cam_obj of a camera looking down at an upright object (model +z up): random azimuth,
+    elevation in ``el_deg``, roll within +-``roll_deg`` — the views a tabletop robot sees."""
+    el, az = np.radians(rng.uniform(*el_deg)), rng.uniform(0, 2 * np.pi)
+    T = look_at(np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)]))
+    return rotation_about_axis(np.array([0.0, 0.0, 1.0]), np.radians(rng.uniform(-roll_deg, roll_deg))) @ T[:3, :3]
+
+
 def make_demo_scene(seed: int = 0, width: int = 640, height: int = 480, n_distractors: int = 4) -> DemoScene:
     """Render the example object among distractors with a known pose (deterministic for a seed)."""
     from osop_ros.core.mesh import ObjectModel
@@ -60,7 +77,7 @@ def make_demo_scene(seed: int = 0, width: int = 640, height: int = 480, n_distra
     K = cam.K
     target = ObjectModel.load(EXAMPLE_PATH, units="m", name="example_object")
     T_gt = make_T(
-        random_rotation(rng), np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), rng.uniform(0.5, 0.7)])
+        tabletop_rotation(rng), np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.04, 0.04), rng.uniform(0.5, 0.7)])
     )
     objects = [("target", T_gt)]
     with Renderer() as r:
@@ -69,8 +86,8 @@ def make_demo_scene(seed: int = 0, width: int = 640, height: int = 480, n_distra
             key = f"d{i}"
             r.add_object(key, ObjectModel.from_trimesh(m, name=key))
             ang = 2 * np.pi * i / n_distractors + rng.uniform(-0.3, 0.3)
-            rad = rng.uniform(0.12, 0.18)
-            t = T_gt[:3, 3] + np.array([rad * np.cos(ang), 0.8 * rad * np.sin(ang), rng.uniform(-0.05, 0.1)])
+            rad = rng.uniform(0.08, 0.16)
+            t = T_gt[:3, 3] + np.array([rad * np.cos(ang), 0.8 * rad * np.sin(ang), rng.uniform(-0.12, 0.1)])
             objects.append((key, make_T(random_rotation(rng), t)))
         full = r.render(K, width, height, objects[:1])
         out = r.render(
