@@ -106,7 +106,7 @@ def plot_curves(history: dict[str, list], path: Path, metric: str) -> None:
     if history["val"]:
         steps = [h["step"] for h in history["val"]]
         for k in history["val"][0]:
-            if k != "step":
+            if k not in ("step", "n"):  # counts would squash the [0, 1] metrics
                 axes[1].plot(steps, [h.get(k, math.nan) for h in history["val"]], marker="o", label=k)
     axes[1].set_title(f"validation (held-out objects); best by {metric}")
     axes[1].set_xlabel("step")
