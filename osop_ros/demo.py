@@ -166,7 +166,9 @@ def run_demo(out_dir: Path, seed: int = 0, n_frames: int = 3, modality: str = "r
         from osop_ros.core.overlay import draw_pose
 
         draw_pose(gt_overlay, obs.camera.K, scene.T_cam_obj, samples, "", (255, 255, 255), 0.5 * diam)
-        cv2.putText(gt_overlay, "white: ground truth", (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            gt_overlay, "white: ground truth", (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA
+        )
         img = draw_estimates(gt_overlay, obs.camera.K, ests, {obj.name: samples}, {obj.name: diam})
         cv2.imwrite(str(out_dir / f"demo_overlay_{f}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     print(

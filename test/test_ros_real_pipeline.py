@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import ros_fixtures as F
+
 from osop_ros.core.geometry import rotation_error_sym_deg
 
 pytestmark = [pytest.mark.slow, pytest.mark.ros, pytest.mark.gl]
