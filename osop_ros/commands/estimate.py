@@ -48,13 +48,22 @@ def read_depth_m(path: str, depth_scale: float) -> np.ndarray:
 def _run(args: argparse.Namespace) -> int:
     import cv2
 
-    from osop_ros.core.config import load_config
+    from osop_ros.core.config import WeightsConfig, load_config
     from osop_ros.core.factory import build_pipeline
     from osop_ros.core.overlay import draw_estimates
     from osop_ros.core.types import Observation
 
+    extra: dict = {}
+    if args.weights_dir:
+        extra["weights"] = {s: str(Path(args.weights_dir) / f"{s}.pt") for s in ("segment", "match", "correspond")}
+    if args.cache_dir:
+        extra["templates"] = {"cache_dir": str(args.cache_dir)}
     if args.config:
         cfg = load_config(args.config)
+        if "weights" in extra:
+            cfg.weights = WeightsConfig(**extra["weights"])
+        if args.cache_dir:
+            cfg.templates.cache_dir = str(args.cache_dir)
     elif args.mesh:
         cfg = load_config(
             {
@@ -66,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
                     }
                 ],
                 "device": args.device,
+                **extra,
             }
         )
     else:
@@ -109,5 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="object name (default: mesh file stem)")
     p.add_argument("--config", help="osop YAML config")
     p.add_argument("--device", default="auto")
+    p.add_argument("--weights-dir", help="directory with segment.pt, match.pt, correspond.pt (default: shipped)")
+    p.add_argument("--cache-dir", help="template cache directory (default: ~/.cache/osop/templates)")
     p.add_argument("--out", default="out/estimate")
     p.set_defaults(func=_run)
