@@ -120,7 +120,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_frames: int = 3, modality: str = "r
 
     from osop_ros.core.config import load_config
     from osop_ros.core.factory import build_pipeline
-    from osop_ros.core.overlay import draw_estimates
+    from osop_ros.core.overlay import draw_estimates, draw_pose
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -162,9 +162,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_frames: int = 3, modality: str = "r
         else:
             row.update(found=False)
         rows.append(row)
-        gt_overlay = draw_estimates(obs.rgb, obs.camera.K, [], {}, {})
-        from osop_ros.core.overlay import draw_pose
-
+        gt_overlay = np.ascontiguousarray(obs.rgb.copy())
         draw_pose(gt_overlay, obs.camera.K, scene.T_cam_obj, samples, "", (255, 255, 255), 0.5 * diam)
         cv2.putText(
             gt_overlay, "white: ground truth", (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA

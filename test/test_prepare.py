@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from osop_ros.core.geometry import make_T, rotation_angle_deg
+from osop_ros.core.geometry import centred_view_rotation, make_T, rotation_angle_deg
 from osop_ros.data.meshes import MeshLibraryBuilder, MeshLibraryConfig
 from osop_ros.data.synth import MeshLibrary, SynthConfig, SynthGenerator
-from osop_ros.train.prepare import PrepareConfig, centred_rotation, perturb_rotation, prepare
+from osop_ros.train.prepare import PrepareConfig, perturb_rotation, prepare
 
 pytestmark = pytest.mark.gl
 
@@ -59,7 +59,7 @@ def test_centred_rotation_puts_centre_on_axis() -> None:
     R = trimesh.transformations.random_rotation_matrix(np.random.default_rng(0).random(3))[:3, :3]
     T = make_T(R, [0.2, -0.1, 0.8])
     c = np.array([0.01, 0.02, -0.01])
-    Rc = centred_rotation(T, c)
+    Rc = centred_view_rotation(T, c)
     d = T[:3, :3] @ c + T[:3, 3]
     # the centred camera sees the centre straight ahead: Rc rotates d's direction onto +z
     assert np.allclose((Rc @ R.T) @ (d / np.linalg.norm(d)), [0, 0, 1], atol=1e-9)

@@ -40,6 +40,15 @@ def _to_t(rgb: np.ndarray, mask: np.ndarray, device: torch.device) -> tuple[torc
 
 
 @torch.no_grad()
+def embed_templates(
+    net: torch.nn.Module, rgb: np.ndarray, mask: np.ndarray, device: torch.device, batch: int = 256
+) -> torch.Tensor:
+    """(T, D) embeddings of template crops: rgb (T, S, S, 3) uint8, mask (T, S, S)."""
+    out = [net(*_to_t(rgb[s : s + batch], mask[s : s + batch], device)) for s in range(0, len(rgb), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def match_templates(
     model: torch.nn.Module,
     q_emb: torch.Tensor,
@@ -104,11 +113,7 @@ class TemplateMatcher:
         if "match_emb" not in obj.extra:
             feats = obj.bank.features.get("match")
             if feats is None:
-                out = []
-                for s in range(0, len(obj.bank), 256):
-                    r, m = _to_t(obj.bank.rgb[s : s + 256], obj.bank.mask[s : s + 256].astype(np.float32), self.device)
-                    out.append(self.net(r, m))
-                emb = torch.cat(out)
+                emb = embed_templates(self.net, obj.bank.rgb, obj.bank.mask, self.device)
                 obj.bank.features["match"] = emb.cpu().numpy().astype(np.float16)
             else:
                 emb = torch.from_numpy(feats.astype(np.float32)).to(self.device)

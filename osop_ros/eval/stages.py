@@ -38,12 +38,6 @@ class StageEvalOptions:
     template_config: Any | None = None  # TemplateConfig; None = the default 2880-view bank
 
 
-def _rot_err(R_est: np.ndarray, R_gt: np.ndarray, sym_Ts: list[np.ndarray]) -> float:
-    from osop_ros.core.geometry import rotation_error_sym_deg
-
-    return rotation_error_sym_deg(R_est, R_gt, sym_Ts)
-
-
 def evaluate_stages(opts: StageEvalOptions) -> dict:
     """Run the three learned stages on the dataset's targets; returns per-stage statistics."""
     from tqdm import tqdm
@@ -51,7 +45,12 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     from osop_ros.core.config import load_config
     from osop_ros.core.correspondence import DenseCorrespondence
     from osop_ros.core.factory import Networks
-    from osop_ros.core.geometry import mask_to_box, rotation_about_axis, symmetry_transforms
+    from osop_ros.core.geometry import (
+        mask_to_box,
+        rotation_about_axis,
+        rotation_error_sym_deg,
+        symmetry_transforms,
+    )
     from osop_ros.core.matching import TemplateMatcher
     from osop_ros.core.mesh import ObjectModel
     from osop_ros.core.oracle import OracleFrame, OracleMatcher
@@ -119,7 +118,7 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
                 d = np.radians(float(m.inplane_deg[0]))
                 R_est = rotation_about_axis(np.array([0.0, 0, 1]), d) @ obj.bank.poses[m.template_ids[0], :3, :3]
                 R_gt = OracleMatcher.view_rotation(g.T_cam_obj, obj.model.center)
-                res["rot_err"].append(_rot_err(R_est, R_gt, obj.sym_Ts))
+                res["rot_err"].append(rotation_error_sym_deg(R_est, R_gt, obj.sym_Ts))
                 # stage 3 with the GT-nearest template
                 om = oracle_match(obs, gseg, obj)
                 cs = corr(obs, gseg, om, obj)[0]

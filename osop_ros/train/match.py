@@ -180,14 +180,14 @@ class MatchTask:
 
     @torch.no_grad()
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        from osop_ros.core.matching import match_templates
+        from osop_ros.core.matching import embed_templates, match_templates
 
         if self._val is None:
             self._val = self._build_val()
         val, banks = self._val["val"], self._val["banks"]
         errs = []
         for oid, bank in banks.items():
-            emb = embed_bank(model, bank.rgb, bank.mask, device)
+            emb = embed_templates(model, bank.rgb, bank.mask, device)
             idx = np.nonzero(val["obj_id"] == oid)[0]
             if len(idx) == 0:
                 continue
@@ -207,19 +207,3 @@ class MatchTask:
             "within_15deg": float((e < 15).mean()) if len(e) else 0.0,
             "n": float(len(e)),
         }
-
-
-@torch.no_grad()
-def embed_bank(
-    model: nn.Module, rgb: np.ndarray, mask: np.ndarray, device: torch.device, batch: int = 256
-) -> torch.Tensor:
-    """Embeddings (T, D) of template crops rgb (T,S,S,3) u8, mask (T,S,S)."""
-    out = []
-    for s in range(0, len(rgb), batch):
-        out.append(
-            model(
-                to_tensor_rgb(rgb[s : s + batch], device),
-                to_tensor_mask(mask[s : s + batch].astype(np.float32), device),
-            )
-        )
-    return torch.cat(out)

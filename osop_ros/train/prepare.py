@@ -55,11 +55,6 @@ class PrepareConfig:
     seed: int = 0
 
 
-def centred_rotation(T_cam_obj: np.ndarray, center_obj: np.ndarray) -> np.ndarray:
-    """Viewpoint rotation of an instance as an object-centred template would show it (see geometry)."""
-    return centred_view_rotation(T_cam_obj, center_obj)
-
-
 def perturb_rotation(
     R: np.ndarray, rng: np.random.Generator, std_deg: float, inplane_deg: float
 ) -> tuple[np.ndarray, float]:
@@ -211,7 +206,7 @@ def prepare(synth_dir: Path, meshes_dir: Path, out_dir: Path, cfg: PrepareConfig
                     q_rgb = cb.apply(rgb, S)
                     q_mask = cb.apply(vis.astype(np.uint8), S, cv2.INTER_NEAREST)
                     q_xyz = cb.apply(np.where(vis[..., None], xyz_img, 0).astype(np.float32), S, cv2.INTER_NEAREST)
-                    Rc = centred_rotation(T, model.center)
+                    Rc = centred_view_rotation(T, model.center)
                     Rt, ang = perturb_rotation(Rc, rng, cfg.perturb_deg, cfg.inplane_deg)
                     t_rgb, t_mask, t_xyz, _, _ = render_view(renderer, key, model, Rt, tcfg)
                     inst_w.add(
