@@ -144,8 +144,10 @@ def test_correspond_train_resume(shards: Path, tmp_path: Path) -> None:
     net = from_checkpoint(out / "best.pt", "cpu", arch="corrnet")
     assert "val" in net.meta and "median_err_pct" in net.meta["val"]
     cfg.max_steps = 6
-    res2 = run_training(task, cfg)  # resumes from last.pt at step 4
+    cfg.lr = 5e-5
+    res2 = run_training(task, cfg)  # resumes from last.pt at step 4, with the lowered learning rate
     assert res2["step"] == 6
+    assert torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 5e-5
     hist = json.loads(torch.load(out / "last.pt", weights_only=True)["history"])
     assert [h["step"] for h in hist["val"]] == [2, 4, 6]
     from osop_ros.cli import main
@@ -229,3 +231,15 @@ def test_ddp_gloo_two_processes(shards: Path, tmp_path: Path) -> None:
     st = torch.load(out / "last.pt", weights_only=True)
     assert st["step"] == 4
     assert (out / "best.pt").exists()
+
+
+def test_train_config_coerces_overrides(tmp_path: Path) -> None:
+    from osop_ros.core.types import InvalidInputError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: segment\nlr: 2.0e-4\nmax_steps: 10\n")
+    cfg = TrainConfig.from_yaml(path, {"lr": "5e-5", "threads": 2.0, "amp": False})  # YAML reads 5e-5 as a string
+    assert cfg.lr == 5e-5 and isinstance(cfg.lr, float) and cfg.threads == 2 and isinstance(cfg.threads, int)
+    for bad in ({"lr": "fast"}, {"max_steps": 2.5}, {"amp": "yes"}, {"task": [1, 2]}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            TrainConfig.from_yaml(path, bad)

@@ -60,10 +60,39 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise InvalidInputError(f"unknown training config keys {sorted(unknown)} in {path}")
+        defaults = cls()
+        for key, value in data.items():
+            data[key] = _coerce(key, value, getattr(defaults, key))
         return cls(**data)
 
     def path(self, name: str) -> Path:
         return Path(os.path.expanduser(getattr(self, name)))
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (YAML reads ``5e-5`` as a string); a clear error otherwise."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if kind is int:
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            return number
+        if kind is str:
+            return str(value)
+        if kind is dict and not isinstance(value, dict):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"training config key {key!r}: expected {kind.__name__}, got {value!r}") from None
+    return value
 
 
 class TrainTask(Protocol):
@@ -142,6 +171,8 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
         st = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
+        for group in opt.param_groups:  # the config's learning rate wins (lower it to fine-tune a run)
+            group["lr"] = cfg.lr
         step, best, wall = int(st["step"]), st.get("best"), float(st.get("wall_s", 0.0))
         history = json.loads(st["history"])
         rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
