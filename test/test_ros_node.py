@@ -471,8 +471,7 @@ def test_load_30hz_short(rig: Rig) -> None:
     assert m["sent"] >= 30
     assert m["processed"] >= 3
     assert m["processed"] + m["dropped_busy"] <= m["sent"]
-    if m["processed"] >= 10:  # frames synchronised faster than the 50 ms pipeline: the one-slot buffer must drop
-        assert m["dropped_busy"] > 0
+    assert m["dropped_busy"] > 0  # the one-slot buffer drops what the worker cannot keep up with (4 in that run)
     assert m["bad_input"] == 0 and m["pipeline_errors"] == 0
     assert m["poses"] >= 0.8 * m["processed"]
 

@@ -169,24 +169,46 @@ class OsopConfig:
         return Path(self.templates.cache_dir) if self.templates.cache_dir else default_cache_dir() / "templates"
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)`` with every key known and every value of its field's type, else InvalidInputError.
+
+    Numbers may be given as numeric strings: YAML 1.1 (``yaml.safe_load``) reads ``5e-5`` as a string.
+    Integer fields reject non-integral values; dict/list fields (``default_factory``) reject other types.
+    """
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
         raise InvalidInputError(f"unknown key(s) in {where}: {sorted(unknown)}; allowed: {sorted(known)}")
     kwargs = {}
     for k, v in data.items():
-        default = known[k].default
+        f = known[k]
+        default = f.default
         if isinstance(default, bool) and not isinstance(v, bool):
             raise InvalidInputError(f"{where}.{k} must be true/false, got {v!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise InvalidInputError(f"{where}.{k} must be a number, got {v!r}")
-            v = type(default)(v)
+            v = _number(v, int if isinstance(default, int) else float, f"{where}.{k}")
         if isinstance(default, str) and not isinstance(v, str):
             raise InvalidInputError(f"{where}.{k} must be a string, got {v!r}")
+        if f.default_factory in (dict, list) and not isinstance(v, f.default_factory):
+            raise InvalidInputError(f"{where}.{k} must be a {'mapping' if f.default_factory is dict else 'list'}, "
+                                    f"got {v!r}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def _number(v: Any, kind: type, where: str) -> int | float:
+    """``v`` (number or numeric string) as ``kind``; InvalidInputError for anything else."""
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError
+        x = float(v)
+        if kind is int:
+            if x != int(x):
+                raise ValueError
+            return int(x)
+        return x
+    except (ValueError, OverflowError):
+        raise InvalidInputError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {v!r}") from None
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> OsopConfig:
@@ -212,14 +234,14 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> OsopC
             raise InvalidInputError(f"objects[{i}] must be a mapping with name/mesh")
         if "name" not in o or "mesh" not in o:
             raise InvalidInputError(f"objects[{i}] needs 'name' and 'mesh'")
-        objects.append(_build(ObjectConfig, o, f"objects[{i}]"))
+        objects.append(build_dataclass(ObjectConfig, o, f"objects[{i}]"))
     sections = {}
     for key, cls in (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig)):
         sec = data.pop(key, None) or {}
         if not isinstance(sec, dict):
             raise InvalidInputError(f"{key} must be a mapping")
-        sections[key] = _build(cls, sec, key)
-    top = _build(OsopConfig, {k: v for k, v in data.items()}, "config")
+        sections[key] = build_dataclass(cls, sec, key)
+    top = build_dataclass(OsopConfig, {k: v for k, v in data.items()}, "config")
     cfg = dataclasses.replace(top, objects=objects, base_dir=data.get("base_dir", base_dir) or base_dir, **sections)
     cfg.validate()
     return cfg

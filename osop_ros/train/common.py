@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from osop_ros.core.config import build_dataclass
 from osop_ros.core.types import InvalidInputError
 from osop_ros.nets.checkpoint import resolve_device, save_checkpoint
 
@@ -55,44 +56,12 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> TrainConfig:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
-        data.update(overrides or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidInputError(f"unknown training config keys {sorted(unknown)} in {path}")
-        defaults = cls()
-        for key, value in data.items():
-            data[key] = _coerce(key, value, getattr(defaults, key))
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"training config {path} must contain a mapping")
+        return build_dataclass(cls, {**data, **(overrides or {})}, str(path))
 
     def path(self, name: str) -> Path:
         return Path(os.path.expanduser(getattr(self, name)))
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """``value`` as the type of ``default`` (YAML reads ``5e-5`` as a string); a clear error otherwise."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if kind in (int, float):
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if kind is int:
-                if number != int(number):
-                    raise ValueError
-                return int(number)
-            return number
-        if kind is str:
-            return str(value)
-        if kind is dict and not isinstance(value, dict):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"training config key {key!r}: expected {kind.__name__}, got {value!r}") from None
-    return value
 
 
 class TrainTask(Protocol):
