@@ -25,7 +25,9 @@ setup(
     maintainer_email="osop-ros@example.com",
     description="One-shot 6D pose estimation of unseen objects from their CAD model (OSOP) for ROS 2.",
     license="Apache-2.0",
-    tests_require=["pytest"],
+    # colcon test runs pytest when the package declares it as a test dependency; `tests_require` is
+    # ignored by current setuptools, the ament_python convention is the `test` extra.
+    extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
             "osop = osop_ros.cli:main",

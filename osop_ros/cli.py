@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "osop_ros.commands.templates",
     "osop_ros.commands.data",
+    "osop_ros.commands.heldout",
     "osop_ros.commands.train",
     "osop_ros.commands.eval",
     "osop_ros.commands.estimate",

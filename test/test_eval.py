@@ -145,7 +145,7 @@ def _onboard(synth: Path, renderer, obj_id: int, tmp_path: Path):
 
 
 def test_oracle_segmenter_occlusion(synth: Path, renderer, tmp_path: Path) -> None:
-    from osop_ros.core.oracle import OracleFrame, OracleSegmenter
+    from osop_ros.eval.oracle import OracleFrame, OracleSegmenter
 
     ds, obj = _onboard(synth, renderer, 1, tmp_path)
     frame = ds.load_frame(1, 0)
@@ -171,8 +171,9 @@ def test_oracle_segmenter_occlusion(synth: Path, renderer, tmp_path: Path) -> No
 def test_oracle_matcher_and_template_transfer(synth: Path, renderer, tmp_path: Path) -> None:
     """Query = a template view rendered off-centre and rolled: the oracle finds it with the roll, transfer + PnP
     recover the pose."""
-    from osop_ros.core.oracle import OracleFrame, OracleMatcher, OracleSegmenter, TemplateTransferCorrespondences
+    from osop_ros.core.correspondence import TemplateTransferCorrespondences
     from osop_ros.core.solver import PoseSolver
+    from osop_ros.eval.oracle import OracleFrame, OracleMatcher, OracleSegmenter
 
     _, obj = _onboard(synth, renderer, 1, tmp_path)
     tid = 29
@@ -204,7 +205,7 @@ def test_oracle_matcher_and_template_transfer(synth: Path, renderer, tmp_path: P
 
 
 def test_oracle_matcher_symmetry(synth: Path, renderer, tmp_path: Path) -> None:
-    from osop_ros.core.oracle import OracleMatcher
+    from osop_ros.eval.oracle import OracleMatcher
 
     _, obj = _onboard(synth, renderer, 2, tmp_path)
     R = obj.bank.poses[17][:3, :3]
@@ -262,7 +263,7 @@ def test_eval_ground_truth_csv_is_perfect(synth: Path, tmp_path: Path, renderer)
 
 
 def test_learned_stage_unavailable_and_factory(synth: Path, tmp_path: Path, renderer) -> None:
-    from osop_ros.core.oracle import OracleSegmenter
+    from osop_ros.eval.oracle import OracleSegmenter
     from osop_ros.eval.runner import StageUnavailableError, run_eval
 
     with pytest.raises(StageUnavailableError, match="segmenter"):
@@ -274,7 +275,7 @@ def test_learned_stage_unavailable_and_factory(synth: Path, tmp_path: Path, rend
         """Stands in for a network: here it delegates to the oracle masks of the runner's frame."""
 
         def __init__(self, ctx) -> None:
-            from osop_ros.core.oracle import OracleFrame
+            from osop_ros.eval.oracle import OracleFrame
 
             self.inner = OracleSegmenter(OracleFrame(ctx.renderer, {1: "eval_obj_000001", 2: "eval_obj_000002"}))
             self.ctx = ctx

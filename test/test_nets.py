@@ -143,7 +143,7 @@ def test_checkpoint_errors(tmp_path) -> None:
         from_checkpoint(bad, "cpu")
     p = tmp_path / "m.pt"
     save_checkpoint(p, tiny_match())
-    with pytest.raises(CheckpointError, match="expected a segnet"):
+    with pytest.raises(CheckpointError, match="expected one of segnet"):
         from_checkpoint(p, "cpu", arch="segnet")
     torch.save({"arch": "matchnet", "config": tiny_match().cfg.to_dict(), "state_dict": {}}, p)
     with pytest.raises(CheckpointError, match="do not fit"):

@@ -206,3 +206,81 @@ def test_pose_and_transform_round_trip() -> None:
 def test_stamp_ns_round_trip() -> None:
     for ns in (0, 1, 999_999_999, 1_000_000_000, 1_732_000_000_123_456_789):
         assert C.stamp_to_ns(C.ns_to_stamp(ns)) == ns
+
+
+# ----------------------------------------------------------------------------------- undistortion (issue 13.7)
+K_U = np.array([[120.0, 0.0, 79.5], [0.0, 118.0, 59.5], [0.0, 0.0, 1.0]])
+D_U = np.array([-0.25, 0.08, 0.001, -0.001, 0.0])
+
+
+def test_distortion_of_camera_info() -> None:
+    info = C.intrinsics_to_camera_info(CameraIntrinsics.from_K(K_U, 160, 120))
+    assert C.distortion_of(info) is None  # plumb_bob with zero d
+    info.d = []
+    assert C.distortion_of(info) is None
+    info.distortion_model, info.d = "rational_polynomial", [0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    model, D = C.distortion_of(info)
+    assert model == "rational_polynomial" and D.shape == (8,)
+    info.d = [float("nan")] * 5
+    with pytest.raises(C.ConversionError, match="NaN"):
+        C.distortion_of(info)
+
+
+def test_undistort_rgb_matches_cv2_and_maps_are_cached() -> None:
+    import cv2
+
+    vv, uu = np.mgrid[0:120, 0:160]
+    rgb = np.dstack([127 + 120 * np.sin(uu / 7.0), 127 + 120 * np.cos(vv / 5.0), (uu + vv) / 2.0]).astype(np.uint8)
+    und = C.Undistorter(max_cached=2)
+    out, depth = und("plumb_bob", K_U, D_U, rgb)
+    assert depth is None and out.shape == rgb.shape and out.dtype == np.uint8
+    ref = cv2.undistort(rgb, K_U, D_U, None, K_U)  # same model, same new camera matrix (K)
+    # cv2.undistort uses fixed-point tables (1/32 px): equal up to a few grey levels on this smooth image
+    assert np.abs(out.astype(int) - ref.astype(int))[10:-10, 10:-10].max() <= 3
+    m = und.maps("plumb_bob", K_U, D_U, 160, 120)
+    assert und.maps("plumb_bob", K_U.copy(), D_U.copy(), 160, 120) is m  # cache hit per (model, K, D, size)
+    assert und.maps("plumb_bob", K_U, D_U * 0.5, 160, 120) is not m
+    und.maps("plumb_bob", K_U, D_U * 0.25, 160, 120)  # LRU of 2: the first table is evicted
+    assert und.maps("plumb_bob", K_U, D_U, 160, 120) is not m
+
+
+def test_undistort_point_lands_where_the_pinhole_model_puts_it() -> None:
+    import cv2
+
+    und = C.Undistorter()
+    m1, m2 = und.maps("plumb_bob", K_U, D_U, 160, 120)
+    # pixel (130, 95) of the undistorted image samples the distorted image where the lens maps it
+    x = np.linalg.solve(K_U, [130.0, 95.0, 1.0])
+    dist, _ = cv2.projectPoints(x.reshape(1, 3), np.zeros(3), np.zeros(3), K_U, D_U)
+    np.testing.assert_allclose([m1[95, 130], m2[95, 130]], dist.ravel(), atol=1e-3)
+
+
+def test_undistort_depth_is_nearest_neighbour_and_keeps_invalid() -> None:
+    depth = np.full((120, 160), 2.0, np.float32)
+    depth[:, 80:] = 0.5  # a depth edge
+    depth[30:60, 20:50] = 0.0  # invalid patch
+    rgb = np.zeros((120, 160, 3), np.uint8)
+    _, out = C.Undistorter()("plumb_bob", K_U, D_U, rgb, depth)
+    assert out.dtype == np.float32 and out.shape == depth.shape
+    assert set(np.unique(out).tolist()) <= {0.0, 0.5, 2.0}  # never a value interpolated across the edge
+    m1, m2 = C.Undistorter().maps("plumb_bob", K_U, D_U, 160, 120)
+    src = depth[np.clip(np.rint(m2), 0, 119).astype(int), np.clip(np.rint(m1), 0, 159).astype(int)]
+    inside = (m1 >= 0) & (m1 <= 159) & (m2 >= 0) & (m2 <= 119)
+    np.testing.assert_array_equal(out[inside & (src == 0)], 0.0)  # invalid stays invalid
+    assert (out[~inside] == 0).all()  # outside the distorted image: invalid, not guessed
+
+
+def test_undistort_equidistant_and_unknown_models() -> None:
+    import cv2
+
+    D4 = np.array([0.05, -0.01, 0.002, 0.0])
+    und = C.Undistorter()
+    m1, m2 = und.maps("equidistant", K_U, D4, 160, 120)
+    x = np.linalg.solve(K_U, [120.0, 20.0, 1.0])
+    dist = cv2.fisheye.distortPoints((x[:2] / x[2]).reshape(1, 1, 2), K_U, D4)
+    np.testing.assert_allclose([m1[20, 120], m2[20, 120]], dist.ravel(), atol=1e-2)
+    with pytest.raises(C.ConversionError, match="4 coefficients"):
+        und.maps("equidistant", K_U, D_U, 160, 120)
+    with pytest.raises(C.UnknownDistortionError, match="'fov'") as info:
+        und.maps("fov", K_U, np.array([0.3]), 160, 120)
+    assert info.value.model == "fov"

@@ -3,6 +3,8 @@ pipeline, stream synthetic frames, expect a pose, then check a clean shutdown.
 
 Needs ``launch`` / ``launch_ros`` / ``launch_testing`` (a ROS 2 distro); with the PyPI ROS wheels the
 whole module is skipped. ``test_ros_node.py::test_main_as_subprocess`` covers the same path there.
+Runs both ways: ``pytest test/test_ros_launch.py`` and ``launch_test test/test_ros_launch.py`` (which
+does not put test/ on sys.path: ``ros_fixtures`` is then loaded from this file's directory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,23 @@ from pathlib import Path
 
 import pytest
 
+
+def _import_fixtures() -> object:
+    """``ros_fixtures`` from this directory: pytest puts test/ on sys.path, ``launch_test`` does not."""
+    try:
+        import ros_fixtures
+    except ModuleNotFoundError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("ros_fixtures", Path(__file__).with_name("ros_fixtures.py"))
+        ros_fixtures = importlib.util.module_from_spec(spec)
+        sys.modules["ros_fixtures"] = ros_fixtures  # dataclasses need the module registered
+        spec.loader.exec_module(ros_fixtures)
+    return ros_fixtures
+
+
+F = _import_fixtures()
+
 pytest.importorskip(
     "launch_testing", reason="launch_testing is not importable (PyPI ROS wheels); it runs on a ROS 2 distro"
 )
@@ -22,7 +41,6 @@ pytest.importorskip(
 import launch_testing  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
-import ros_fixtures as F  # noqa: E402
 from launch.actions import ExecuteProcess  # noqa: E402
 from launch.launch_description import LaunchDescription  # noqa: E402
 

@@ -169,7 +169,7 @@ def test_markers_overlay_and_diagnostics(rig: Rig) -> None:
     img = image_to_rgb(overlay)
     raw, _ = F.make_arrays()
     assert np.any(img != raw), "overlay draws nothing"
-    assert any(s.name.startswith("osop_node") for s in diag.status)
+    assert any(s.name == f"{NS}/osop_node: pose estimation" for s in diag.status)
 
 
 def test_triangle_markers_mode(rig: Rig) -> None:
@@ -529,3 +529,417 @@ def test_main_exits_2_on_bad_parameters() -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     assert "qos.reliability must be one of best_effort, reliable, got 'sometimes'" in res.stderr
     assert "sync.queue_size" in res.stderr
+
+
+def test_sigint_mid_frame_exits_cleanly(session: F.RosSession) -> None:
+    """Issue 13.1: Ctrl-C while the (slow stand-in) pipeline processes a frame: exit 0 in < 3 s, no
+    traceback, nothing published on the dead context (the in-flight frame is abandoned)."""
+    import threading
+
+    proc = subprocess.Popen(node_cmd("-p", "pipeline_factory:=ros_fixtures:slow_factory",
+                                     "-p", "qos.reliability:=reliable", "-r", "__ns:=/sigint_t"),
+                            env=dict(subprocess_env(), OSOP_TEST_FRAME_DELAY="6"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    err: list[str] = []
+    mid_frame = threading.Event()
+
+    def read(stream: Any, store: list[str], marker: str | None) -> None:
+        for line in stream:
+            store.append(line)
+            if marker and marker in line:
+                mid_frame.set()
+
+    readers = [threading.Thread(target=read, args=(proc.stdout, out, F.MID_FRAME_MARKER), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err, None), daemon=True)]
+    for t in readers:
+        t.start()
+    try:
+        cam = F.CameraStub(session, "/sigint_t")
+        cam.watch_pose("example_object")
+        cam.stream(F.make_frame, mid_frame.is_set, timeout=30.0, period=0.1)
+        time.sleep(0.3)  # well inside the 6 s frame
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        elapsed = time.monotonic() - t0
+        for t in readers:
+            t.join(timeout=5)
+        time.sleep(0.2)
+        assert cam.pose_stamps("example_object") == [], "the abandoned frame was published"
+        session.remove(cam.node)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out) + "".join(err)
+    assert proc.returncode == 0, text
+    assert elapsed < 3.0, f"exit took {elapsed:.1f} s\n{text}"
+    assert "Traceback" not in text and "RCLError" not in text, text
+
+
+# ------------------------------------------------------------------------------------ issue 13
+class DiagWatch:
+    """Every /diagnostics status received from now on (the stub keeps only the newest 50 arrays)."""
+
+    def __init__(self, cam: F.CameraStub) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.cam, self.statuses = cam, []
+        self.sub = cam.node.create_subscription(DiagnosticArray, "/diagnostics", self._cb, 50)
+
+    def _cb(self, msg: Any) -> None:
+        with self.cam.lock:
+            self.statuses.extend(msg.status)
+
+    def named(self, name: str) -> list[Any]:
+        with self.cam.lock:
+            return [s for s in self.statuses if s.name == name]
+
+    def close(self) -> None:
+        self.cam.node.destroy_subscription(self.sub)
+
+
+def test_worker_survives_publish_errors(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13.2: an exception while publishing is logged, counted, turns diagnostics to ERROR, and the
+    worker keeps processing frames."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    def boom(msg: Any) -> None:
+        raise RuntimeError("injected publish failure")
+
+    name = f"{NS}/osop_node: pose estimation"
+    start = rig.node.counters["worker_errors"]
+    diag = DiagWatch(rig.cam)
+    try:
+        monkeypatch.setattr(rig.node._markers_pub, "publish", boom)
+        rig.cam.stream(rig.good, lambda: rig.node.counters["worker_errors"] >= start + 3
+                       and any(s.level == DiagnosticStatus.ERROR for s in diag.named(name)), timeout=10.0)
+        assert rig.node._worker.is_alive()
+        assert any("injected publish failure" in m for k, m in rig.node.warnings if k.startswith("worker."))
+        err = [s for s in diag.named(name) if s.level == DiagnosticStatus.ERROR]
+        assert "injected publish failure" in err[-1].message
+        monkeypatch.undo()
+        rig.expect_pose()  # the loop went on
+        assert F.wait_for(lambda: diag.named(name)[-1].level != DiagnosticStatus.ERROR, 3.0)
+    finally:
+        diag.close()
+
+
+def _get(rig: Rig, names: list[str]) -> dict[str, Any]:
+    from rcl_interfaces.srv import GetParameters
+
+    values = rig.cam.call(GetParameters, f"{NS}/osop_node/get_parameters", GetParameters.Request(names=names)).values
+    assert len(values) == len(names), f"get_parameters answered {len(values)} values for {len(names)} names"
+    return dict(zip(names, values, strict=True))
+
+
+def _list_and_get(rig: Rig) -> dict[str, Any]:
+    from rcl_interfaces.srv import ListParameters
+
+    req = ListParameters.Request()
+    return _get(rig, list(rig.cam.call(ListParameters, f"{NS}/osop_node/list_parameters", req).result.names))
+
+
+def test_every_parameter_has_a_value_over_the_parameter_services(rig: Rig) -> None:
+    """Issue 13.3: what `ros2 param dump` / rqt do (list_parameters + get_parameters over DDS): every
+    listed parameter must have a set value (typed-but-unset arrays made dump print `{}`)."""
+    from rcl_interfaces.msg import ParameterType
+
+    got = _list_and_get(rig)
+    assert {"objects.cube.symmetries.discrete", "onboard.symmetries.continuous_axes", "objects.names"} <= set(got)
+    unset = [n for n, v in got.items() if v.type == ParameterType.PARAMETER_NOT_SET]
+    assert unset == []
+    sym = got["objects.cube.symmetries.continuous_axes"]
+    assert sym.type == ParameterType.PARAMETER_DOUBLE_ARRAY and list(sym.double_array_value) == []
+    assert list(got["objects.names"].string_array_value) == ["cube", "ghost", "broken"]
+    # type enforcement kept: the empty arrays are still typed and read-only where they were
+    def ok(name: str, value: Any) -> bool:
+        return rig.node.set_parameters([Parameter(name, value=value)])[0].successful
+
+    assert not ok("objects.cube.symmetries.discrete", [1.0] * 16)  # read-only
+    assert not ok("onboard.symmetries.continuous_axes", ["x"])  # wrong type
+    assert ok("onboard.symmetries.continuous_axes", [0.0, 0.0, 1.0])
+    assert rig.node.set_parameters([Parameter("onboard.symmetries.continuous_axes",
+                                              Parameter.Type.DOUBLE_ARRAY, [])])[0].successful
+
+
+def _invalid_value(spec: Any) -> Any:
+    if spec.choices:
+        return "bogus"
+    lo, hi = spec.range
+    return type(spec.default)(hi) + (1 if isinstance(spec.default, int) else 1.0)
+
+
+def test_set_parameters_service_enforces_choices_and_ranges(rig: Rig) -> None:
+    """Issue 13.8: `ros2 param set /osop_node markers.mode bogus` must fail with a reason; every live
+    parameter with choices or a range is checked over the real SetParameters service."""
+    from rcl_interfaces.srv import SetParameters
+
+    from osop_ros.ros.params import NODE_PARAMS, core_param_specs
+
+    srv = f"{NS}/osop_node/set_parameters"
+    live = [s for s in (*NODE_PARAMS, *core_param_specs()) if not s.read_only and (s.choices or s.range)]
+    assert {"markers.mode", "onboard.units", "warn_throttle", "pipeline.score_threshold"} <= {s.name for s in live}
+    before = _get(rig, [s.name for s in live])
+    bad = [Parameter(s.name, value=_invalid_value(s)).to_parameter_msg() for s in live]
+    res = rig.cam.call(SetParameters, srv, SetParameters.Request(parameters=bad)).results
+    for spec, r in zip(live, res, strict=True):
+        assert not r.successful, f"{spec.name}={_invalid_value(spec)!r} accepted"
+        assert spec.name in r.reason or "range" in r.reason.lower() or "within" in r.reason, (spec.name, r.reason)
+    mode = rig.cam.call(SetParameters, srv, SetParameters.Request(
+        parameters=[Parameter("markers.mode", value="bogus").to_parameter_msg()])).results[0]
+    assert not mode.successful and "markers.mode must be one of auto, mesh, triangles" in mode.reason
+    after = _get(rig, [s.name for s in live])
+    for s in live:
+        assert after[s.name] == before[s.name], f"{s.name} changed by a rejected set"
+    ok = rig.cam.call(SetParameters, srv, SetParameters.Request(
+        parameters=[Parameter("markers.mode", value="triangles").to_parameter_msg(),
+                    Parameter("markers.mode", value="auto").to_parameter_msg()])).results
+    assert all(r.successful for r in ok)
+    cross = rig.cam.call(SetParameters, srv, SetParameters.Request(
+        parameters=[Parameter("max_image_side", value=8).to_parameter_msg()])).results[0]
+    assert not cross.successful and "min_image_side" in cross.reason
+
+
+def test_core_python_logs_reach_rosout(rig: Rig) -> None:
+    """Issue 13.5: `osop_ros.*` Python log records emitted while the node runs go through the node's
+    rclpy logger, i.e. to /rosout (and the ROS log files), with the node's logger name and severity."""
+    import logging
+
+    from rcl_interfaces.msg import Log
+
+    rosout = rig.cam.watch_rosout()
+    core_log = logging.getLogger("osop_ros.core.templates")
+
+    def probes() -> list[Any]:
+        with rig.cam.lock:
+            return [m for m in rosout if "bridge probe" in m.msg]
+
+    deadline = time.monotonic() + 8.0
+    k = 0
+    while not probes() and time.monotonic() < deadline:  # discovery of the new subscription takes a moment
+        k += 1
+        core_log.warning("bridge probe %d", k)
+        core_log.debug("bridge debug probe %d", k)  # below the node's level: filtered
+        time.sleep(0.1)
+    got = probes()
+    assert got, "no core log record on /rosout"
+    assert got[0].name == rig.node.get_logger().name
+    assert got[0].level == Log.WARN and got[0].msg.startswith("[osop_ros.core.templates] bridge probe")
+    assert not any("debug probe" in m.msg for m in got)
+    assert logging.getLogger("osop_ros").propagate is False  # no second copy on stdout
+    assert logging.getLogger("osop_ros").getEffectiveLevel() == logging.INFO  # from the node logger
+
+    from osop_ros.ros import log_bridge
+
+    assert log_bridge.installed_handler() is not None
+
+
+def test_log_bridge_is_removed_at_shutdown_and_follows_log_level(session: F.RosSession, mesh_dir: Path) -> None:
+    import logging
+
+    import rclpy.logging
+
+    from osop_ros.ros import log_bridge
+
+    rclpy.logging.set_logger_level("lvl_t.osop_node", rclpy.logging.LoggingSeverity.DEBUG)
+    node = session.add(OsopNode(lambda cfg: F.BlobPipeline(), namespace="/lvl_t", context=session.context,
+                                parameter_overrides=base_params(mesh_dir / "cube.obj")))
+    try:
+        assert logging.getLogger("osop_ros").level == logging.DEBUG  # min over the attached nodes
+    finally:
+        session.remove(node)
+    assert logging.getLogger("osop_ros").level == logging.INFO  # the rig node is still attached
+    handler = log_bridge.installed_handler()
+    assert handler is not None and [t.logger.name for t in handler.targets] == [f"{NS[1:]}.osop_node"]
+
+
+def test_pause_of_the_whole_stream_is_not_a_stall(rig: Rig) -> None:
+    """Issue 13.6: after a pause longer than camera_info_timeout (0.4 s here), the next frames are
+    processed: no 'no camera_info'/'no depth'/'do not synchronise' warning, even when rgb arrives first."""
+    rig.expect_pose()
+    keys = ("warn.camera_info", "warn.depth", "warn.sync")
+    before = {k: rig.node.counters[k] for k in keys}
+    for _ in range(2):
+        time.sleep(1.0)
+        st = rig.cam.next_stamp()
+        rgb, depth, info = F.make_frame(st)
+        rig.cam.pub_rgb.publish(rgb)  # rgb first, its partners a little later
+        time.sleep(0.05)
+        rig.cam.pub_depth.publish(depth)
+        rig.cam.pub_info.publish(info)
+        assert F.wait_for(lambda st=st: st in rig.cam.pose_stamps("cube"), 3.0)
+    assert {k: rig.node.counters[k] for k in keys} == before, list(rig.node.warnings)[-5:]
+
+
+def test_warnings_are_throttled_per_kind_and_flushed(session: F.RosSession, mesh_dir: Path) -> None:
+    """Issue 13.6: a burst of one input error kind does not swallow (or mislabel) another kind, and
+    the suppressed count of the last burst is reported (periodic flush), as seen on /rosout."""
+    from osop_ros.ros.node import _Frame
+
+    node = session.add(OsopNode(lambda cfg: F.BlobPipeline(), namespace="/thr_t", context=session.context,
+                                parameter_overrides=base_params(mesh_dir / "cube.obj", warn_throttle=1.5,
+                                                                stats_period=0.3)))
+    cam = F.CameraStub(session, "/thr_t")
+    try:
+        assert node.wait_ready(5.0)
+        rosout = cam.watch_rosout()
+
+        def mine() -> list[str]:
+            with cam.lock:
+                return [m.msg for m in rosout if m.name == node.get_logger().name]
+
+        probe = 0
+        while not any("probe" in m for m in mine()):  # /rosout discovery
+            probe += 1
+            assert probe < 80, "/rosout subscription not matched"
+            node.get_logger().info(f"probe {probe}")
+            time.sleep(0.1)
+
+        def frame(st: int, **kw: Any) -> _Frame:
+            rgb, depth, info = F.make_frame(st, **kw)
+            return _Frame(rgb, depth, info, time.monotonic())
+
+        for i in range(5):  # kind A: unknown encoding
+            f = frame(1_000_000 + i)
+            f.rgb.encoding = "yuv422"
+            node._process(f)
+        node._process(frame(2_000_000, depth=np.full((24, 32), 0.8, np.float32)))  # kind B: size mismatch
+        assert F.wait_for(lambda: any("depth image is 32x24" in m for m in mine()), 3.0), mine()
+        b = next(m for m in mine() if "depth image is 32x24" in m)
+        assert "suppressed" not in b  # A's count does not land on B
+        a = [m for m in mine() if "yuv422" in m]
+        assert len(a) >= 1 and "suppressed" not in a[0]
+        # nothing else of kind A follows: the periodic flush reports the 4 suppressed ones
+        assert F.wait_for(lambda: any("yuv422" in m and "4 similar" in m for m in mine()), 4.0), mine()
+    finally:
+        session.remove(cam.node)
+        session.remove(node)
+
+
+def distorted_scene() -> tuple[CameraIntrinsics, list[float], np.ndarray, np.ndarray, tuple[float, float]]:
+    """A pinhole 160x120 frame with a red blob near a corner, and the same frame seen through a
+    plumb_bob lens (k1=-0.25, k2=0.08, p1=0.001, p2=-0.001): returns (cam, D, rgb_distorted,
+    rgb_pinhole, blob centre in the pinhole image)."""
+    import cv2
+
+    cam = CameraIntrinsics(fx=120.0, fy=120.0, cx=79.5, cy=59.5, width=160, height=120)
+    D = [-0.25, 0.08, 0.001, -0.001, 0.0]
+    u0, v0, half = 130, 95, 5
+    pin = np.full((120, 160, 3), 90, np.uint8)
+    pin[v0 - half : v0 + half + 1, u0 - half : u0 + half + 1] = (255, 0, 0)
+    # distorted image: every distorted pixel looks up where it comes from in the pinhole image
+    uu, vv = np.meshgrid(np.arange(160, dtype=np.float64), np.arange(120, dtype=np.float64))
+    pts = np.stack([uu.ravel(), vv.ravel()], axis=1).reshape(-1, 1, 2)
+    und = cv2.undistortPoints(pts, cam.K, np.array(D), P=cam.K).reshape(120, 160, 2).astype(np.float32)
+    dist = cv2.remap(pin, und[..., 0], und[..., 1], cv2.INTER_NEAREST, borderValue=(90, 90, 90))
+    return cam, D, dist, pin, (float(u0), float(v0))
+
+
+def test_distorted_camera_is_undistorted_before_the_core(rig: Rig) -> None:
+    """Issue 13.7: a plumb_bob frame gives the pose of the undistorted (pinhole) frame, in the camera's frame."""
+    cam, D, dist, _pin, (u0, v0) = distorted_scene()
+    mask = (dist[..., 0] > 200) & (dist[..., 1] < 60)
+    vs, us = np.nonzero(mask)
+    naive_err = np.hypot(us.mean() - u0, vs.mean() - v0)
+    assert naive_err > 3.0, "the test lens must move the blob noticeably"
+    z = 0.8
+
+    def make(st: int) -> tuple[Any, Any, Any]:
+        rgb, depth, info = F.make_frame(st, cam=cam, rgb=dist, depth=np.full((120, 160), z, np.float32))
+        info.distortion_model, info.d = "plumb_bob", D
+        return rgb, depth, info
+
+    n0 = rig.node.counters["undistorted"]
+    _, pose = rig.expect_pose(make=make)
+    assert rig.node.counters["undistorted"] > n0
+    assert pose.header.frame_id == "cam_optical"
+    np.testing.assert_allclose(rig.pipe.calls[-1].K, cam.K)  # intrinsics passed on: K itself
+    T = msg_to_T(pose.pose)
+    T_true = F.expected_T(u0, v0, z, cam)
+    T_naive = F.expected_T(us.mean(), vs.mean(), z, cam)
+    err = np.linalg.norm(T[:3, 3] - T_true[:3, 3])
+    assert err < 0.003, f"undistorted pose off by {err * 1000:.1f} mm"
+    assert np.linalg.norm(T_naive[:3, 3] - T_true[:3, 3]) > 5 * err  # ignoring D would be far worse
+
+
+def test_unknown_distortion_model_skips_frames_and_warns_once(rig: Rig) -> None:
+    def make(st: int) -> tuple[Any, Any, Any]:
+        rgb, depth, info = F.make_frame(st)
+        info.distortion_model, info.d = "kannala_brandt_9", [0.1, 0.01, 0.0, 0.0]
+        return rgb, depth, info
+
+    rig.bad_then_recover(make, "skipped_distortion", "'kannala_brandt_9'")
+    start = rig.node.counters["skipped_distortion"]
+    rig.cam.stream(make, lambda: rig.node.counters["skipped_distortion"] >= start + 2)
+    assert rig.node._throttle.suppressed("distortion.kannala_brandt_9") >= 2  # logged once only
+
+
+def test_diagnostics_namespaced_and_missing_mesh_is_warn(session: F.RosSession, rig: Rig) -> None:
+    """Issue 13.10: the status name is the node's fully qualified name (two instances do not collide); a
+    node whose startup mesh is missing (0 objects) reports WARN, not OK."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    node = session.add(OsopNode(lambda cfg: F.BlobPipeline(), namespace="/diag_t", context=session.context,
+                                parameter_overrides=base_params(Path("/nonexistent/x.obj"),
+                                                                **{"objects.names": ["ghost"]})))
+    diag = DiagWatch(rig.cam)
+    try:
+        assert node.wait_ready(5.0) and node.object_names == []
+        mine, other = "/diag_t/osop_node: pose estimation", f"{NS}/osop_node: pose estimation"
+        assert F.wait_for(lambda: diag.named(mine) and diag.named(other), 5.0)
+        st = diag.named(mine)[-1]
+        assert st.level == DiagnosticStatus.WARN and "no object onboarded" in st.message and "ghost" in st.message
+        assert st.hardware_id == "/diag_t/osop_node"
+        assert diag.named(other)[-1].hardware_id == f"{NS}/osop_node"
+    finally:
+        diag.close()
+        session.remove(node)
+
+
+def test_startup_failure_caused_by_shutdown_is_not_fatal(session: F.RosSession, mesh_dir: Path) -> None:
+    """Issue 13.9: when shutdown interrupts pipeline construction (e.g. 'context is invalid' after launch
+    aborted), the node does not report a pipeline failure (main() exits 0, no FATAL)."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def factory(cfg: dict[str, Any]) -> Any:
+        started.set()
+        release.wait(5.0)
+        raise RuntimeError("Failed to create publisher: context is invalid")
+
+    node = session.add(OsopNode(factory, node_name="stopping", namespace="/stop_t", context=session.context,
+                                parameter_overrides=base_params(mesh_dir / "cube.obj")))
+    try:
+        assert started.wait(5.0)
+        with node._cv:
+            node._stop = True  # what destroy_node() / Ctrl-C does first
+        release.set()
+        node._worker.join(5.0)
+        assert not node._worker.is_alive()
+        assert node.failed is None
+    finally:
+        session.remove(node)
+
+
+def test_lost_partner_frames_are_detected(rig: Rig) -> None:
+    """Issue 13.11 (node side of InputLossMonitor): rgb frames whose depth never arrives are reported."""
+    start = rig.node.counters["loss_warnings"]
+    n_warn = len(rig.node.warnings)
+    k = [0]
+
+    def make(st: int) -> tuple[Any, Any, Any]:
+        k[0] += 1
+        rgb, depth, info = F.make_frame(st)
+        return rgb, (depth if k[0] % 2 else None), info
+
+    rig.cam.stream(make, lambda: rig.node.counters["loss_warnings"] > start, timeout=10.0, period=0.03)
+    msgs = [m for key, m in list(rig.node.warnings)[n_warn:] if key == "qos"]
+    assert msgs and "camera frames are lost" in msgs[-1] and "without their depth/camera_info partner" in msgs[-1]
+    rig.expect_pose()

@@ -66,3 +66,73 @@ def test_node_publishes_pose_near_ground_truth(tmp_path) -> None:
         trans = float(np.linalg.norm(T[:3, 3] - scene.T_cam_obj[:3, 3]))
         print(f"\nreal pipeline over DDS: rotation error {rot:.2f} deg, translation error {trans * 1000:.1f} mm")
         assert rot < ROT_TOL_DEG and trans < TRANS_TOL_M
+
+
+def test_node_latency_5hz_rgbd(tmp_path) -> None:
+    """Throughput and stamp-to-pose latency of osop_node with the REAL pipeline (example object, RGB-D
+    640x480, ICP on) for ~30 s of 5 Hz input over reliable DDS. Prints the numbers (docs/results.md,
+    "ROS node latency"); asserts only that poses keep coming."""
+    import os
+    import time
+
+    import torch
+
+    from osop_ros.core.config import load_config
+    from osop_ros.demo import make_demo_scene
+    from osop_ros.ros.conversions import array_to_image, intrinsics_to_camera_info, ns_to_stamp
+    from osop_ros.ros.node import OsopNode
+
+    cfg = load_config(None)
+    if not all(cfg.weight_path(s).is_file() for s in ("segment", "match", "correspond")):
+        pytest.skip("shipped weights not present")
+    scene = make_demo_scene(seed=3)
+    cam = scene.obs.camera
+    depth_mm = np.round(scene.obs.depth * 1000.0).astype(np.uint16)
+    seconds, hz = 30.0, 5.0
+    with F.ros_session(salt=78) as session:
+        from rclpy.parameter import Parameter
+
+        t0 = time.monotonic()
+        node = session.add(OsopNode(namespace="/lat", context=session.context, parameter_overrides=[
+            Parameter("objects.names", value=["example_object"]),
+            Parameter("objects.example_object.mesh", value="package://osop_ros/assets/example_object.ply"),
+            Parameter("objects.example_object.units", value="m"),
+            Parameter("qos.reliability", value="reliable"),
+            Parameter("templates.cache_dir", value=str(tmp_path)),
+        ]))
+        assert node.wait_ready(timeout=900.0), "node did not become ready"
+        ready_s = time.monotonic() - t0
+        stub = F.CameraStub(session, "/lat")
+        stub.watch_pose("example_object")
+
+        def frame(st: int):
+            stamp = ns_to_stamp(st)
+            return (array_to_image(scene.obs.rgb, "rgb8", stamp, "cam_optical"),
+                    array_to_image(depth_mm, "16UC1", stamp, "cam_optical"),
+                    intrinsics_to_camera_info(cam, stamp, "cam_optical"))
+
+        stub.stream(frame, lambda: bool(stub.pose_stamps("example_object")), timeout=180.0, period=2.0)  # warm-up
+        time.sleep(3.0)
+        c0 = dict(node.counters)
+        sent: list[int] = []
+        next_t = time.monotonic()
+        t_end = next_t + seconds
+        while time.monotonic() < t_end:
+            st = time.time_ns()
+            sent.append(st)
+            stub.publish(*frame(st))
+            next_t += 1.0 / hz
+            time.sleep(max(0.0, next_t - time.monotonic()))
+        time.sleep(4.0)  # the last in-flight frame
+        c1 = dict(node.counters)
+        with stub.lock:
+            lat = [stub.pose_recv_wall[s] - s / 1e9 for s in sent if s in stub.pose_recv_wall]
+        d = {k: c1.get(k, 0) - c0.get(k, 0) for k in ("processed", "dropped_busy", "bad_input", "pipeline_errors")}
+        p50, p95 = (float(np.percentile(lat, q)) for q in (50, 95)) if lat else (float("nan"),) * 2
+        print(f"\nosop_node real pipeline, RGB-D 640x480, 1 object, {hz:.0f} Hz input for {seconds:.0f} s over "
+              f"reliable DDS ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, ready in "
+              f"{ready_s:.1f} s incl. cold template bank): sent {len(sent)}, poses {len(lat)} "
+              f"({len(lat) / seconds:.2f} fps), processed {d['processed']}, dropped busy {d['dropped_busy']}, "
+              f"bad {d['bad_input']}, errors {d['pipeline_errors']}; stamp->pose p50 {1e3 * p50:.0f} ms, "
+              f"p95 {1e3 * p95:.0f} ms, max {1e3 * max(lat, default=float('nan')):.0f} ms")
+        assert len(lat) >= 3 and d["pipeline_errors"] == 0

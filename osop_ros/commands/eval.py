@@ -25,6 +25,23 @@ def _oracle_list(text: str) -> tuple[str, ...]:
     return vals
 
 
+def _weights_map(text: str) -> dict[str, str]:
+    """``segment=PATH|SPEC,match=...`` -> {stage: path or training-free spec}."""
+    out = {}
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        stage, sep, value = item.partition("=")
+        if not sep or stage not in ("segment", "match", "correspond") or not value:
+            raise argparse.ArgumentTypeError(f"expected stage=weights (stage: segment|match|correspond), got {item!r}")
+        out[stage] = value
+    return out
+
+
+WEIGHTS_HELP = (
+    "per-stage weights overriding --weights-dir: segment=FILE|cosine:BACKBONE, match=FILE|descriptor:BACKBONE, "
+    "correspond=FILE (comma-separated)"
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -95,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-targets", type=int, default=200)
     q.add_argument("--device", default="auto")
     q.add_argument("--weights-dir", type=Path, default=None)
+    q.add_argument("--weights", type=_weights_map, default={}, help=WEIGHTS_HELP)
+    q.add_argument("--seg-input-width", type=int, default=320, help="stage 1 input width (default: 320)")
     q.add_argument("--cache-dir", type=Path, default=None)
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)
@@ -113,6 +132,8 @@ def stages_handler(args: argparse.Namespace) -> int:
             max_targets=args.max_targets,
             device=args.device,
             weights_dir=args.weights_dir,
+            weights=args.weights,
+            seg_input_width=args.seg_input_width,
             cache_dir=args.cache_dir,
         )
     )

@@ -1,6 +1,6 @@
 """The one YAML configuration, validated at startup into dataclasses.
 
-Plain YAML form (``osop estimate --config``, ``Pipeline.from_config``)::
+Plain YAML form (``osop estimate --config``, ``core.factory.build_pipeline``)::
 
     device: auto                 # auto | cpu | cuda | cuda:N
     threads: 0                   # torch CPU threads, 0 = torch default
@@ -157,9 +157,13 @@ class OsopConfig:
         """Absolute path of an object's mesh."""
         return resolve_path(obj.mesh, Path(self.base_dir) if self.base_dir else None)
 
-    def weight_path(self, stage: str) -> Path:
-        """Checkpoint path of ``stage`` (segment | match | correspond)."""
+    def weight_path(self, stage: str) -> Path | str:
+        """Checkpoint path of ``stage`` (segment | match | correspond), or its training-free spec."""
+        from osop_ros.nets.specs import is_training_free
+
         p = getattr(self.weights, stage)
+        if is_training_free(p):
+            return p
         if p:
             return resolve_path(p, Path(self.base_dir) if self.base_dir else None)
         return package_share_dir() / "weights" / f"{stage}.pt"
@@ -245,10 +249,3 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | None) -> OsopC
     cfg = dataclasses.replace(top, objects=objects, base_dir=data.get("base_dir", base_dir) or base_dir, **sections)
     cfg.validate()
     return cfg
-
-
-def build_pipeline(cfg: OsopConfig | dict[str, Any] | str | None):  # noqa: ANN201 - Pipeline, imported lazily
-    """Networks + onboarded objects -> a ready Pipeline (see :mod:`osop_ros.core.factory`)."""
-    from osop_ros.core.factory import build_pipeline as _build
-
-    return _build(cfg)

@@ -35,17 +35,24 @@ class Networks:
 
     @classmethod
     def load(cls, cfg: OsopConfig) -> Networks:
-        from osop_ros.nets.checkpoint import file_digest, from_checkpoint, resolve_device
+        from osop_ros.core.types import WeightsError
+        from osop_ros.nets.checkpoint import NetsError
+
+        try:
+            return cls._load(cfg)
+        except NetsError as exc:
+            raise WeightsError(str(exc)) from exc
+
+    @classmethod
+    def _load(cls, cfg: OsopConfig) -> Networks:
+        from osop_ros.nets.checkpoint import build_network, resolve_device, spec_digest
 
         device = resolve_device(cfg.device)
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         paths = {s: cfg.weight_path(s) for s in ("segment", "match", "correspond")}
-        nets = {
-            s: from_checkpoint(p, device, arch=a)
-            for (s, p), a in zip(paths.items(), ("segnet", "matchnet", "corrnet"), strict=True)
-        }
-        digest = "-".join(file_digest(p)[:8] for p in paths.values())
+        nets = {s: build_network(p, device, stage=s) for s, p in paths.items()}
+        digest = "-".join(spec_digest(p)[:8] for p in paths.values())
         return cls(nets["segment"], nets["match"], nets["correspond"], device, digest)
 
 

@@ -55,12 +55,6 @@ class Pipeline:
         self.tracker = tracker
         self._last: dict[str, PoseEstimate] = {}
 
-    @classmethod
-    def from_config(cls, config: str | dict | None) -> Pipeline:
-        """Load the networks and onboard every configured object (YAML path or dict; see core/config.py)."""
-        from osop_ros.core.factory import build_pipeline
-
-        return build_pipeline(config)
 
     def add_object(self, obj: OnboardedObject) -> None:
         """Register another onboarded object (replaces one with the same name)."""

@@ -57,7 +57,7 @@ class OneShotSegmenter:
             bank = obj.bank
             sel = coarse_view_subset(bank.view_index, self.n_templates)
             feats = bank.features
-            n_att = self.net.cfg.n_attention
+            n_att = getattr(self.net, "n_template_levels", self.net.cfg.n_attention)
             if all(f"seg_o{i + 1}" in feats for i in range(n_att)) and "seg_hist" in feats:
                 vecs = [
                     torch.from_numpy(feats[f"seg_o{i + 1}"][sel].astype(np.float32)).to(self.device)

@@ -23,6 +23,10 @@ class OsopError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class WeightsError(OsopError):
+    """Network weights are missing, unreadable or of the wrong architecture."""
+
+
 class InvalidInputError(OsopError, ValueError):
     """Input data (image, intrinsics, depth, config) is malformed."""
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from osop_ros.core.correspondence import TemplateTransferCorrespondences
 from osop_ros.core.geometry import symmetry_transforms
-from osop_ros.core.oracle import OracleFrame, OracleMatcher, OracleSegmenter, TemplateTransferCorrespondences
 from osop_ros.core.pipeline import Pipeline
 from osop_ros.core.solver import PoseSolver, SolverConfig
 from osop_ros.core.stages import OnboardedObject
@@ -48,6 +48,7 @@ from osop_ros.eval.metrics import (
     format_recall,
     make_render_depth,
 )
+from osop_ros.eval.oracle import OracleFrame, OracleMatcher, OracleSegmenter
 
 log = logging.getLogger(__name__)
 

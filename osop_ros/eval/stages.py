@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,11 @@ class StageEvalOptions:
     min_visib: float = 0.1
     device: str = "auto"
     weights_dir: Path | None = None
+    weights: dict[str, str] = field(default_factory=dict)  # stage -> file or training-free spec (wins)
     cache_dir: Path | None = None
     template_config: Any | None = None  # TemplateConfig; None = the default 2880-view bank
+    seg_input_width: int = 320  # stage 1 runs at this image width (the pipeline's ``seg_input_width``)
+    absent_area_frac: float = 0.002  # an absent object's mask larger than this fraction = false positive
 
 
 def evaluate_stages(opts: StageEvalOptions) -> dict:
@@ -53,18 +56,19 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     )
     from osop_ros.core.matching import TemplateMatcher
     from osop_ros.core.mesh import ObjectModel
-    from osop_ros.core.oracle import OracleFrame, OracleMatcher
     from osop_ros.core.render import Renderer
     from osop_ros.core.segmentation import OneShotSegmenter
     from osop_ros.core.stages import OnboardedObject
     from osop_ros.core.templates import TemplateCache, TemplateConfig
     from osop_ros.data.bop import BopDataset
+    from osop_ros.eval.oracle import OracleFrame, OracleMatcher
 
     weights = (
         {}
         if opts.weights_dir is None
         else {s: str(Path(opts.weights_dir) / f"{s}.pt") for s in ("segment", "match", "correspond")}
     )
+    weights.update(opts.weights)
     nets = Networks.load(load_config({"device": opts.device, "weights": weights}))
     ds = BopDataset(opts.dataset, opts.split)
     targets = [t for t in ds.targets if opts.objects is None or t.obj_id in opts.objects]
@@ -80,11 +84,18 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         keys[oid] = f"eval{oid}"
         renderer.add_object(keys[oid], model)
     frame = OracleFrame(renderer, keys)
-    seg = OneShotSegmenter(nets.segnet, nets.device)
+    seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width)
     matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1)
     oracle_match = OracleMatcher(frame, top_k=1)
     corr = DenseCorrespondence(nets.corrnet, nets.device, mask_threshold=0.0)
-    res: dict[str, list] = {"iou": [], "rot_err": [], "coord_err_pct": [], "coord_err_inst_pct": [], "obj": []}
+    res: dict[str, list] = {
+        "iou": [],
+        "rot_err": [],
+        "coord_err_pct": [],
+        "coord_err_inst_pct": [],
+        "obj": [],
+        "absent_fp": [],
+    }
     t0 = time.time()
     n = 0
     by_image: dict[tuple[int, int], list] = {}
@@ -97,6 +108,11 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         gts = ds.gt(sid, iid)
         frame.set_frame([(g.obj_id, g.T_cam_obj) for g in gts])
         vis = frame.visible_masks(obs)
+        # stage 1 "not here": query one dataset object that is not in this image
+        absent = [o for o in obj_ids if o not in {g.obj_id for g in gts}]
+        if absent and n < opts.max_targets:
+            pa = seg.probability(obs, objects[absent[(sid * 31 + iid) % len(absent)]]) >= 0.5
+            res["absent_fp"].append(float(pa.mean() > opts.absent_area_frac))
         for tg in tlist:
             obj = objects[tg.obj_id]
             for gi, g in enumerate(gts):
@@ -145,6 +161,8 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         "n_instances": n,
         "stage1_mean_iou": round(float(iou.mean()), 4) if len(iou) else None,
         "stage1_iou_ge_0.5": round(float((iou >= 0.5).mean()), 4) if len(iou) else None,
+        "stage1_absent_false_pos": round(float(np.mean(res["absent_fp"])), 4) if res["absent_fp"] else None,
+        "stage1_n_absent_queries": len(res["absent_fp"]),
         "stage2_median_rot_err_deg": round(float(np.median(rot)), 2) if len(rot) else None,
         "stage2_within_15deg": round(float((rot < 15).mean()), 4) if len(rot) else None,
         "stage3_median_coord_err_pct_diam": round(float(np.median(allc)), 2),

@@ -15,20 +15,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from osop_ros.core.types import OsopError
 from osop_ros.nets.corrnet import CorrNet, CorrNetConfig
+from osop_ros.nets.errors import CheckpointError, NetsError
+from osop_ros.nets.featnets import FeatMatchNet, FeatMatchNetConfig, FeatSegNet, FeatSegNetConfig
 from osop_ros.nets.matchnet import MatchNet, MatchNetConfig
 from osop_ros.nets.segnet import SegNet, SegNetConfig
+from osop_ros.nets.specs import TRAINING_FREE_PREFIXES, is_training_free
 
 ARCHS: dict[str, tuple[type[nn.Module], Any]] = {
     "segnet": (SegNet, SegNetConfig),
     "matchnet": (MatchNet, MatchNetConfig),
     "corrnet": (CorrNet, CorrNetConfig),
+    "featseg": (FeatSegNet, FeatSegNetConfig),
+    "featmatch": (FeatMatchNet, FeatMatchNetConfig),
 }
-
-
-class CheckpointError(OsopError):
-    """A weights file is missing, unreadable or of the wrong architecture."""
+# architectures that can serve each stage
+STAGE_ARCHS: dict[str, tuple[str, ...]] = {
+    "segment": ("segnet", "featseg"),
+    "match": ("matchnet", "featmatch"),
+    "correspond": ("corrnet",),
+}
+# training-free networks named by a spec instead of a weights file: "<spec prefix><backbone name>"
+TRAINING_FREE = dict(
+    zip(TRAINING_FREE_PREFIXES, (("featseg", {"head": "cosine"}), ("featmatch", {"proj_dim": 0})), strict=True)
+)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -38,7 +48,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OsopError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+        raise NetsError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
     return torch.device(device)
 
 
@@ -46,9 +56,11 @@ def save_checkpoint(
     path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any] | None = None, half: bool = False
 ) -> None:
     """Write ``model`` (+ config + meta) atomically; ``half`` stores floating tensors as fp16."""
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
     state = {
         k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
         for k, v in model.state_dict().items()
+        if not (frozen and k.startswith(frozen))  # pretrained backbones stay in their package
     }
     ckpt = {"arch": model.arch, "config": model.cfg.to_dict(), "state_dict": state, "meta": dict(meta or {})}
     path = Path(path)
@@ -79,17 +91,47 @@ def from_checkpoint(
 ) -> nn.Module:
     """Build the network stored in ``path`` on ``device`` in eval mode; ``arch`` checks the kind."""
     ckpt = load_checkpoint_dict(path)
-    if arch is not None and ckpt["arch"] != arch:
-        raise CheckpointError(f"{path} holds a {ckpt['arch']}, expected a {arch}")
+    allowed = STAGE_ARCHS.get(arch, (arch,)) if arch is not None else None
+    if allowed is not None and ckpt["arch"] not in allowed:
+        raise CheckpointError(f"{path} holds a {ckpt['arch']}, expected one of {', '.join(allowed)}")
     cls, cfg_cls = ARCHS[ckpt["arch"]]
     model = cls(cfg_cls.from_dict(ckpt["config"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture: {exc}") from exc
+    missing = [k for k in missing if not (frozen and k.startswith(frozen))]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored architecture (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     model.meta = ckpt.get("meta", {})
     return model.to(resolve_device(device)).eval()
+
+
+def build_network(
+    spec: str | os.PathLike[str], device: str | torch.device = "auto", stage: str | None = None
+) -> nn.Module:
+    """A weights file (see :func:`from_checkpoint`) or a training-free spec (``descriptor:efficientnet_lite0``)."""
+    if not is_training_free(spec):
+        return from_checkpoint(spec, device, arch=stage)
+    prefix = next(p for p in TRAINING_FREE if str(spec).startswith(p))
+    arch, overrides = TRAINING_FREE[prefix]
+    if stage is not None and arch not in STAGE_ARCHS.get(stage, (stage,)):
+        raise CheckpointError(f"{spec!r} is a {arch}, which cannot serve stage {stage}")
+    cls, cfg_cls = ARCHS[arch]
+    model = cls(cfg_cls.from_dict({**overrides, "backbone": str(spec)[len(prefix) :]}))
+    model.meta = {"training_free": True}
+    return model.to(resolve_device(device)).eval()
+
+
+def spec_digest(spec: str | os.PathLike[str]) -> str:
+    """Cache-key digest of a weights entry: the file's content, or the training-free spec's text."""
+    if is_training_free(spec):
+        return hashlib.sha256(str(spec).encode()).hexdigest()[:16]
+    return file_digest(spec)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

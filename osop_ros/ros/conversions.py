@@ -1,6 +1,7 @@
-"""ROS message <-> numpy conversions (no cv_bridge).
+"""ROS message <-> numpy conversions (no cv_bridge) and lens undistortion.
 
-Everything here is pure numpy on message fields, so it is testable without DDS.
+Everything here is numpy/OpenCV on message fields, so it is testable without DDS. cv_bridge is not
+used: the PyPI ``cv-bridge`` wheel decodes ``16UC1`` depth to 8 bits, and the decoding below is small.
 
 Supported ``sensor_msgs/Image`` encodings
 -----------------------------------------
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from geometry_msgs.msg import Point, Pose, Quaternion, Transform, Vector3
@@ -189,8 +193,8 @@ def array_to_image(arr: np.ndarray, encoding: str, stamp: TimeMsg | None = None,
 def camera_info_to_intrinsics(msg: CameraInfo, width: int | None = None, height: int | None = None) -> CameraIntrinsics:
     """``CameraInfo.k`` (row-major 3x3) + width/height -> :class:`CameraIntrinsics`.
 
-    ``width``/``height`` (the image size) are used only when the message leaves them 0. The image is
-    assumed rectified/undistorted (OSOP uses the pinhole model only).
+    ``width``/``height`` (the image size) are used only when the message leaves them 0. Distortion
+    (``d``) is not looked at here: the node undoes it with :class:`Undistorter` (new camera matrix = K).
     """
     K = np.asarray(msg.k, dtype=np.float64)
     if K.size != 9:
@@ -206,6 +210,90 @@ def camera_info_to_intrinsics(msg: CameraInfo, width: int | None = None, height:
         return CameraIntrinsics.from_K(K, int(msg.width or width or 0), int(msg.height or height or 0))
     except InvalidInputError as exc:
         raise ConversionError(f"invalid camera_info: {exc}") from exc
+
+
+DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
+_CV_COEFF_COUNTS = (4, 5, 8, 12, 14)
+
+
+class UnknownDistortionError(ConversionError):
+    """``CameraInfo`` has non-zero distortion coefficients of a model the adapter cannot undo."""
+
+    def __init__(self, model: str, n_coeffs: int) -> None:
+        super().__init__(f"camera_info distortion model {model!r} ({n_coeffs} non-zero coefficients) is not "
+                         f"supported (supported: {', '.join(DISTORTION_MODELS)}); frames are skipped, no "
+                         "pose is guessed from distorted images (publish rectified images with zero d)")
+        self.model = model
+
+
+def distortion_of(msg: CameraInfo) -> tuple[str, np.ndarray] | None:
+    """``(model, D)`` when ``msg`` has non-zero distortion coefficients, None for a pinhole camera."""
+    D = np.asarray(msg.d, dtype=np.float64).ravel()
+    if D.size == 0:
+        return None
+    if not np.isfinite(D).all():
+        raise ConversionError(f"camera_info.d contains NaN/inf: {D.tolist()}")
+    if not np.any(D):
+        return None
+    return str(msg.distortion_model), D
+
+
+class Undistorter:
+    """Undo ``CameraInfo`` lens distortion before the (pinhole-only) core sees the images.
+
+    The new camera matrix is **K itself** (``R`` and ``P`` are ignored): the undistorted images are an
+    ideal pinhole view with the same intrinsics and the same optical frame as the given camera, so
+    published poses stay in that camera's frame and ``K`` is passed to the core unchanged. The rgb
+    image is remapped bilinearly; the registered depth image with nearest-neighbour sampling (no
+    interpolation across depth edges; invalid 0 stays 0; pixels mapping outside the image are 0 =
+    invalid). Remap tables are cached per (model, K, D, size), ``max_cached`` of them (LRU).
+    """
+
+    def __init__(self, max_cached: int = 4) -> None:
+        self.max_cached = max_cached
+        self._maps: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def maps(self, model: str, K: np.ndarray, D: np.ndarray, width: int, height: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (H, W) x/y remap tables: output pixel -> position in the distorted image."""
+        K = np.asarray(K, dtype=np.float64).reshape(3, 3)
+        D = np.asarray(D, dtype=np.float64).ravel()
+        key = (model, K.tobytes(), D.tobytes(), int(width), int(height))
+        with self._lock:
+            hit = self._maps.get(key)
+            if hit is not None:
+                self._maps.move_to_end(key)
+                return hit
+        size = (int(width), int(height))
+        if model in ("plumb_bob", "rational_polynomial"):
+            if D.size not in _CV_COEFF_COUNTS:
+                raise ConversionError(f"camera_info.d: {model} with {D.size} coefficients "
+                                      f"(expected one of {_CV_COEFF_COUNTS})")
+            m1, m2 = cv2.initUndistortRectifyMap(K, D, None, K, size, cv2.CV_32FC1)
+        elif model == "equidistant":
+            if D.size != 4:
+                raise ConversionError(f"camera_info.d: equidistant needs 4 coefficients, got {D.size}")
+            m1, m2 = cv2.fisheye.initUndistortRectifyMap(K, D, np.eye(3), K, size, cv2.CV_32FC1)
+        else:
+            raise UnknownDistortionError(model, int(np.count_nonzero(D)))
+        with self._lock:
+            self._maps[key] = (m1, m2)
+            while len(self._maps) > self.max_cached:
+                self._maps.popitem(last=False)
+        return m1, m2
+
+    def __call__(self, model: str, K: np.ndarray, D: np.ndarray, rgb: np.ndarray,
+                 depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Undistorted ``(rgb, depth)`` (same size; intrinsics unchanged: K)."""
+        h, w = rgb.shape[:2]
+        m1, m2 = self.maps(model, K, D, w, h)
+        out_rgb = cv2.remap(rgb, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out_depth = None
+        if depth is not None:
+            out_depth = cv2.remap(np.ascontiguousarray(depth, dtype=np.float32), m1, m2, cv2.INTER_NEAREST,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return out_rgb, out_depth
 
 
 def intrinsics_to_camera_info(cam: CameraIntrinsics, stamp: TimeMsg | None = None, frame_id: str = "") -> CameraInfo:

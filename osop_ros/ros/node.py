@@ -46,9 +46,21 @@ An existing name is replaced; ``~/<name>/pose`` appears once onboarding succeede
 
 Robustness: bad input (unknown encoding, rgb/depth/camera_info size mismatch, depth without any
 valid pixel, zero/NaN intrinsics, tiny images, duplicated or out-of-order stamps, missing
-camera_info) and pipeline exceptions never stop the node and never produce a pose: a throttled
-warning is logged, the frame is skipped and counted, the next good frame is processed. Images
-larger than ``max_image_side`` are downscaled (intrinsics scaled accordingly).
+camera_info) and pipeline exceptions never stop the node and never produce a pose: a warning
+(throttled per kind, see :mod:`osop_ros.ros.throttle`) is logged, the frame is skipped and counted,
+the next good frame is processed. Any other exception of the worker loop (e.g. a failed publish) is
+logged, counted (``worker_errors``) and turns diagnostics to ERROR; the loop goes on. Images larger
+than ``max_image_side`` are downscaled (intrinsics scaled accordingly). Non-zero ``camera_info.d``
+(plumb_bob, rational_polynomial, equidistant) is undone before the core, with K as the new camera
+matrix (:class:`osop_ros.ros.conversions.Undistorter`); other distortion models skip the frame.
+Many lost camera frames (stamp gaps, rgb without partners) give a throttled warning suggesting
+reliable QoS (:class:`osop_ros.ros.sync.InputLossMonitor`).
+
+Logging: while the node runs, the ``osop_ros`` Python loggers (core) go through the node's rclpy
+logger (:mod:`osop_ros.ros.log_bridge`): console, ``/rosout``, ROS log files, ``--log-level``.
+
+Shutdown: Ctrl-C / SIGTERM exits with code 0 within about a second; a frame being processed is
+abandoned (nothing is published once the context is shut down).
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import (
     InvalidParameterTypeException,
@@ -77,6 +90,7 @@ from rclpy.exceptions import (
 )
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
@@ -84,10 +98,13 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from osop_ros.core.types import InvalidInputError, Observation, OsopError, PoseEstimate
-from osop_ros.ros import outputs
+from osop_ros.ros import log_bridge, outputs
 from osop_ros.ros.conversions import (
     ConversionError,
+    Undistorter,
+    UnknownDistortionError,
     camera_info_to_intrinsics,
+    distortion_of,
     image_to_depth,
     image_to_rgb,
     pose_to_msg,
@@ -103,9 +120,11 @@ from osop_ros.ros.params import (
     core_param_specs,
     object_param_specs,
     object_spec_from_values,
+    spec_for,
     validate_values,
 )
-from osop_ros.ros.sync import DUPLICATE, OUT_OF_ORDER, FrameSynchronizer
+from osop_ros.ros.sync import DUPLICATE, OUT_OF_ORDER, RESET, FrameSynchronizer, InputLossMonitor
+from osop_ros.ros.throttle import WarnThrottle, error_kind
 
 try:  # optional on a real ROS install
     from tf2_ros import TransformBroadcaster
@@ -216,10 +235,14 @@ class OsopNode(Node):
         self.ready = threading.Event()
 
         self._lock = threading.Lock()  # counters, warnings, timings, visuals
+        self._pub_lock = threading.Lock()  # held while the worker publishes; destroy_node waits for it
         self.counters: Counter[str] = Counter()
         self.warnings: deque[tuple[str, str]] = deque(maxlen=500)
-        self._last_warn: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
+        self._throttle = WarnThrottle(lambda: float(self._param("warn_throttle")))
+        self._last_worker_error = ""
+        self._skipped_objects: list[str] = []
+        self._undistort = Undistorter()
+        self._loss = InputLossMonitor()
         self._timings: dict[str, list[float]] = {}
         self._latencies: list[float] = []
         self._visuals: dict[str, outputs.ObjectVisual] = {}
@@ -231,6 +254,7 @@ class OsopNode(Node):
         self._cv = threading.Condition()
         self._slot: _Frame | None = None
         self._jobs: deque[_Job] = deque()
+        self._current_job: _Job | None = None
 
         # inputs
         self._use_depth = bool(v["use_depth"])
@@ -250,7 +274,8 @@ class OsopNode(Node):
                                        slop_s=float(v["sync.slop"]), backend=str(v["sync.backend"]))
         self._last_input_t: list[float | None] = [None] * len(inputs)
         self._last_input_stamp: list[int | None] = [None] * len(inputs)
-        self._last_sync_t = time.monotonic()
+        self._n_synced = 0
+        self._unsynced_rgb: tuple[float, int] | None = None  # (first arrival, count) of rgb since last sync
         group_in = MutuallyExclusiveCallbackGroup()
         self._subs = [
             self.create_subscription(t, name, lambda msg, i=i: self._on_input(i, msg), qos, callback_group=group_in)
@@ -267,21 +292,51 @@ class OsopNode(Node):
         self._service = self.create_service(Trigger, "~/add_object", self._on_add_object,
                                             callback_group=MutuallyExclusiveCallbackGroup())
         self._stats_timer = self.create_timer(float(v["stats_period"]), self._report)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.get_logger().info(
             f"inputs {', '.join(self._topics)} (sync {self._sync.backend_name}, slop {v['sync.slop']} s, "
             f"qos {v['qos.reliability']}/{v['qos.depth']}); tf2_ros {'yes' if self._tf else 'no'}, "
             f"vision_msgs {'yes' if vision_msgs else 'no'}"
         )
         self._worker = threading.Thread(target=self._run, name="osop_worker", daemon=True)
+        self._log_token = log_bridge.attach(self.get_logger(), self._worker)
         self._worker.start()
 
     # ------------------------------------------------------------------ parameters
     def _declare(self, spec: ParamSpec, errors: list[str]) -> Any:
         try:
-            return self.declare_parameter(spec.name, spec.default, spec.descriptor()).value
+            if not spec.is_typed_array:
+                return self.declare_parameter(spec.name, spec.default, spec.descriptor()).value
+            # Typed array: declared by type (an override must match it), then given a typed empty value
+            # unless an override set one. A NOT_SET value would break `ros2 param dump/get` and rqt.
+            loose = spec.descriptor()
+            loose.read_only = False  # made read-only below, once it holds a value
+            if self.declare_parameter(spec.name, spec.default, loose).type_ == Parameter.Type.NOT_SET:
+                self.set_parameters([Parameter(spec.name, spec.default, [])])
+            if spec.read_only:
+                final = spec.descriptor()
+                final.type = spec.default.value
+                self.set_descriptor(spec.name, final)
+            return list(self.get_parameter(spec.name).value)
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             errors.append(f"{spec.name}: {exc}")
             return None
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Live changes: enforce choices and ranges (descriptors only carry them as hints for strings)."""
+        current = {n: self._param(n) for n in ("max_image_side", "min_image_side")}
+        for p in params:
+            spec = spec_for(p.name)
+            problem = spec.problem(p.value) if spec is not None else None
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            if p.name in current:
+                current[p.name] = p.value
+        mx, mn = current["max_image_side"], current["min_image_side"]
+        if mx and mn and mx < mn:
+            return SetParametersResult(successful=False,
+                                       reason=f"max_image_side ({mx}) must be 0 or >= min_image_side ({mn})")
+        return SetParametersResult(successful=True)
 
     def _declare_parameters(self) -> tuple[dict[str, Any], list[ObjectSpec]]:
         errors: list[str] = []
@@ -319,19 +374,22 @@ class OsopNode(Node):
         with self._lock:
             self.counters[key] += n
 
-    def _warn(self, key: str, message: str) -> None:
-        """Record + count a warning; log it at most once per ``warn_throttle`` s per ``key``."""
-        now = time.monotonic()
+    def _warn(self, key: str, message: str, *, error: bool = False, once: bool = False) -> None:
+        """Record + count a warning; log it at most once per ``warn_throttle`` s per kind ``key``
+        (suppressed ones are reported on that kind's next message or by the periodic flush);
+        ``once``: log the first of this kind only; ``error``: log at ERROR severity."""
         with self._lock:
             self.warnings.append((key, message))
             self.counters[f"warn.{key}"] += 1
-            last = self._last_warn.get(key)
-            if last is not None and now - last < float(self._param("warn_throttle")):
-                self._suppressed[key] += 1
-                return
-            self._last_warn[key] = now
-            n = self._suppressed.pop(key, 0)
-        self.get_logger().warning(message + (f" ({n} similar suppressed)" if n else ""))
+        text = self._throttle.offer(key, message, time.monotonic(), error=error, once=once)
+        if text is not None:
+            self._log_warning(text, error)
+
+    def _log_warning(self, text: str, error: bool) -> None:
+        if error:  # separate call sites: rclpy forbids two severities from one line
+            self.get_logger().error(text)
+        else:
+            self.get_logger().warning(text)
 
     def _add_timing(self, name: str, seconds: float) -> None:
         acc = self._timings.setdefault(name, [0.0, 0])
@@ -342,8 +400,10 @@ class OsopNode(Node):
     def _on_input(self, index: int, msg: Any) -> None:
         now = time.monotonic()
         self._last_input_t[index] = now
+        n_synced = self._n_synced
         try:
-            self._last_input_stamp[index] = stamp_to_ns(msg.header.stamp)
+            stamp = stamp_to_ns(msg.header.stamp)
+            self._last_input_stamp[index] = stamp
             status = self._sync.add(index, msg)
         except Exception as exc:  # noqa: BLE001 - a malformed message must not kill the callback
             self._warn("input", f"{self._topics[index]}: message rejected: {exc}")
@@ -352,30 +412,44 @@ class OsopNode(Node):
             st = msg.header.stamp
             self._warn("stamps", f"{self._topics[index]}: {status.replace('_', '-')} stamp "
                                  f"{st.sec}.{st.nanosec:09d} dropped")
-        if index == 0:
+        elif index == 0:
+            if status == RESET:
+                self._loss.reset_stream()
+            self._loss.add_primary(stamp)
+        if index == 0 and self._n_synced == n_synced:
             self._check_stalled(now)
 
     def _check_stalled(self, now: float) -> None:
-        """Images arrive but nothing synchronises: say why (missing camera_info/depth or stamp mismatch)."""
-        timeout = float(self._param("camera_info_timeout"))
-        if now - self._last_sync_t < timeout:
+        """rgb frames keep arriving but none synchronises: say why (missing camera_info/depth or stamp
+        mismatch). A pause of the whole stream is not a stall: only rgb frames that arrived since the
+        last synchronised set, for at least ``camera_info_timeout`` s, count (those frames are lost)."""
+        if self._unsynced_rgb is None:
+            self._unsynced_rgb = (now, 1)
             return
+        first, n = self._unsynced_rgb[0], self._unsynced_rgb[1] + 1
+        self._unsynced_rgb = (first, n)
+        timeout = float(self._param("camera_info_timeout"))
+        if now - first < timeout or n < 3:
+            return
+        lost = f"{n} rgb frames in {now - first:.1f} s not processed"
         info_i = len(self._input_names) - 1
         last_info = self._last_input_t[info_i]
-        if last_info is None or now - last_info > timeout:
-            self._warn("camera_info", f"no camera_info on {self._topics[info_i]} for "
-                                      f"{now - (last_info or self._last_sync_t):.1f} s: frames are not processed")
-        elif self._use_depth and (self._last_input_t[1] is None or now - self._last_input_t[1] > timeout):
-            self._warn("depth", f"no depth image on {self._topics[1]}: frames are not processed "
+        last_depth = self._last_input_t[1] if self._use_depth else now
+        if last_info is None or last_info < first:
+            self._warn("camera_info", f"no camera_info on {self._topics[info_i]}: {lost}")
+        elif last_depth is None or last_depth < first:
+            self._warn("depth", f"no depth image on {self._topics[1]}: {lost} "
                                 f"(set use_depth:=false for RGB-only)")
         else:
             stamps = ", ".join(f"{t}={s / 1e9:.3f}" for t, s in zip(self._topics, self._last_input_stamp, strict=True)
                                if s is not None)
-            self._warn("sync", f"inputs do not synchronise within sync.slop={self._param('sync.slop')} s "
-                               f"(latest stamps {stamps})")
+            self._warn("sync", f"inputs do not synchronise within sync.slop={self._param('sync.slop')} s: "
+                               f"{lost} (latest stamps {stamps})")
 
     def _on_synced(self, msgs: list[Any]) -> None:  # called under the synchroniser lock
-        self._last_sync_t = time.monotonic()
+        self._n_synced += 1
+        self._unsynced_rgb = None
+        self._loss.add_synced()
         frame = _Frame(msgs[0], msgs[1] if self._use_depth else None, msgs[-1], time.monotonic())
         with self._cv:
             if not self.ready.is_set():
@@ -387,10 +461,18 @@ class OsopNode(Node):
             self._cv.notify()
 
     # ------------------------------------------------------------------ worker thread
+    def _shutting_down(self) -> bool:
+        """destroy_node() was called or the context is shut down (Ctrl-C): publish nothing more."""
+        return self._stop or not self.context.ok()
+
     def _run(self) -> None:
         try:
             self._startup()
         except Exception as exc:  # noqa: BLE001 - reported, main() exits non-zero
+            if self._shutting_down():  # e.g. Ctrl-C during onboarding: not a pipeline failure
+                self.get_logger().info(f"startup interrupted by shutdown ({type(exc).__name__}: {exc})")
+                self._fail_jobs("node shutting down")
+                return
             self.failed = exc
             self.get_logger().fatal(f"pipeline construction failed: {type(exc).__name__}: {exc}")
             self.get_logger().debug(traceback.format_exc())
@@ -406,12 +488,32 @@ class OsopNode(Node):
                 frame = None
                 if job is None:
                     frame, self._slot = self._slot, None
-            if job is not None:
-                job.result = self._onboard(job.spec)
-                job.done.set()
-            elif frame is not None:
-                self._process(frame)
+            try:
+                if job is not None:
+                    self._current_job = job
+                    job.result = self._onboard(job.spec)
+                    job.done.set()
+                    self._current_job = None
+                elif frame is not None:
+                    self._process(frame)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything (publish errors, bugs)
+                if job is not None:
+                    job.result = (False, f"internal error: {type(exc).__name__}: {exc}")
+                    job.done.set()
+                self._on_worker_error(exc)
         self._fail_jobs("node shutting down")
+
+    def _on_worker_error(self, exc: Exception) -> None:
+        """Log (throttled), count and report in diagnostics (ERROR) an exception of the worker loop."""
+        if self._shutting_down():
+            return  # e.g. publishing while Ctrl-C invalidated the context: expected, not an error
+        text = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.counters["worker_errors"] += 1
+            self._last_worker_error = text
+        self._warn(f"worker.{error_kind(exc)}", f"worker error (frame skipped, the node keeps running): {text}",
+                   error=True)
+        self.get_logger().debug(traceback.format_exc())
 
     def _fail_jobs(self, why: str) -> None:
         with self._cv:
@@ -429,6 +531,8 @@ class OsopNode(Node):
         n = len(self._object_specs)
         failed = []
         for i, spec in enumerate(self._object_specs, 1):
+            if self._shutting_down():
+                raise RuntimeError("shutdown requested during onboarding")
             log.info(f"onboarding {spec.name} ({i}/{n}) from {spec.mesh_path} ...")
             ok, msg = self._onboard(spec)
             if ok:
@@ -436,8 +540,11 @@ class OsopNode(Node):
             else:
                 log.error(f"object {spec.name} skipped: {msg}")
                 failed.append(spec.name)
+        if self._shutting_down():
+            raise RuntimeError("shutdown requested during onboarding")
         with self._lock:
             names = sorted(self._visuals)
+            self._skipped_objects = [f for f in failed if f not in self._visuals]
         if not names:
             log.warning("no object onboarded: nothing will be published until ~/add_object succeeds")
         extra = f"; skipped: {', '.join(failed)}" if failed else ""
@@ -464,6 +571,8 @@ class OsopNode(Node):
             names = sorted({*self._visuals, spec.name})
             vis.index = names.index(spec.name)
             self._visuals[spec.name] = vis
+            if spec.name in self._skipped_objects:
+                self._skipped_objects.remove(spec.name)
             new = spec.name not in self._pose_pubs
         if new:
             self._pose_pubs[spec.name] = self.create_publisher(PoseStamped, f"~/{spec.name}/pose", 10)
@@ -487,6 +596,10 @@ class OsopNode(Node):
                                       "(depth must be registered to the rgb camera)")
             if not np.any(depth > 0):
                 raise InvalidInputError("depth image has no valid pixel (all zero, NaN or negative)")
+        dist = distortion_of(frame.info)
+        if dist is not None:  # the core is pinhole-only: undistort with new camera matrix = K
+            rgb, depth = self._undistort(dist[0], cam.K, dist[1], rgb, depth)
+            self._count("undistorted")
         max_side = int(self._param("max_image_side"))
         if max_side and max(h, w) > max_side:
             s = max_side / max(h, w)
@@ -511,13 +624,17 @@ class OsopNode(Node):
         t0 = time.perf_counter()
         try:
             obs, header = self._decode(frame)
+        except UnknownDistortionError as exc:
+            self._count("skipped_distortion")
+            self._warn(f"distortion.{exc.model}", f"{tag} skipped: {exc}", once=True)
+            return
         except OsopError as exc:
             self._count("bad_input")
-            self._warn("input", f"{tag} skipped: {exc}")
+            self._warn(f"input.{error_kind(exc)}", f"{tag} skipped: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 - unexpected decoder failure: still skip the frame
             self._count("bad_input")
-            self._warn("input", f"{tag} skipped: {type(exc).__name__}: {exc}")
+            self._warn(f"input.{error_kind(exc)}", f"{tag} skipped: {type(exc).__name__}: {exc}")
             return
         t1 = time.perf_counter()
         try:
@@ -528,6 +645,8 @@ class OsopNode(Node):
             self.get_logger().debug(traceback.format_exc())
             return
         t2 = time.perf_counter()
+        if self._shutting_down():  # Ctrl-C while the pipeline ran: abandon the frame, publish nothing
+            return
         published = self._publish(header, obs, estimates)
         t3 = time.perf_counter()
         latency = (self.get_clock().now().nanoseconds - stamp_to_ns(stamp)) / 1e9
@@ -563,6 +682,13 @@ class OsopNode(Node):
         return good
 
     def _publish(self, header: Header, obs: Observation, estimates: list[PoseEstimate]) -> int:
+        """Publish the results of one frame (nothing once shutting down); returns the poses published."""
+        with self._pub_lock:
+            if self._shutting_down():
+                return 0
+            return self._publish_locked(header, obs, estimates)
+
+    def _publish_locked(self, header: Header, obs: Observation, estimates: list[PoseEstimate]) -> int:
         good = self._valid_estimates(estimates)
         with self._lock:
             visuals = dict(self._visuals)
@@ -650,6 +776,9 @@ class OsopNode(Node):
                 c[f"in.{topic}"] = k
             d = c - self._prev_counters  # per-period increments (Counter subtraction drops <= 0)
             self._prev_counters = c
+        for text, error in self._throttle.flush(now):  # the last burst of every kind gets reported
+            self._log_warning(text, error)
+        self._check_losses()
         if not any(v for k, v in d.items() if k.startswith("in.")):
             if self.ready.is_set():
                 self.get_logger().info(f"waiting for images on {self._topics[0]}", throttle_duration_sec=60.0)
@@ -663,21 +792,48 @@ class OsopNode(Node):
                 f"{d['dropped_busy']} not-ready {d['dropped_not_ready']}, stamps dup {d['sync.duplicates']} "
                 f"ooo {d['sync.out_of_order']} unmatched {d['sync.unmatched']}, bad {d['bad_input']}, "
                 f"errors {d['pipeline_errors']} | ms: {tim or '-'}{lat_s}")
-        if self._param("publish.diagnostics"):
+        if self._param("publish.diagnostics") and not self._shutting_down():
             self._publish_diagnostics(c, d, period, lat)
 
+    def _check_losses(self) -> None:
+        """Warn (throttled) when many camera frames never reach the pipeline (lossy transport)."""
+        rep = self._loss.take()
+        if rep is None:
+            return
+        self._count("loss_warnings")
+        hz = f" at ~{1.0 / rep.period_s:.1f} Hz" if rep.period_s else ""
+        text = (f"{rep.rate:.0%} of the camera frames are lost before processing: {rep.gaps} missing from "
+                f"the rgb stamp sequence{hz}, {rep.unpaired} of {rep.received} received rgb frames without "
+                "their depth/camera_info partner")
+        if self._values["qos.reliability"] == "best_effort":
+            text += (". Best-effort DDS often drops large images: run with qos.reliability:=reliable "
+                     "(the camera driver must publish reliable)")
+        self._warn("qos", text)
+
     def _publish_diagnostics(self, total: Counter[str], d: Counter[str], period: float, lat: list[float]) -> None:
-        st = DiagnosticStatus(name=f"{self.get_name()}: pose estimation", hardware_id=self.get_fully_qualified_name())
+        fqn = self.get_fully_qualified_name()
+        st = DiagnosticStatus(name=f"{fqn}: pose estimation", hardware_id=fqn)
+        with self._lock:
+            n_objects, skipped, worker_error = len(self._visuals), list(self._skipped_objects), self._last_worker_error
         if self.failed is not None:
             st.level, st.message = DiagnosticStatus.ERROR, f"pipeline failed: {self.failed}"
+        elif d["worker_errors"]:
+            st.level, st.message = DiagnosticStatus.ERROR, f"{d['worker_errors']} worker errors, last: {worker_error}"
         elif not self.ready.is_set():
             st.level, st.message = DiagnosticStatus.WARN, "starting (onboarding objects)"
+        elif n_objects == 0:
+            st.level, st.message = DiagnosticStatus.WARN, (
+                "no object onboarded" + (f" (failed: {', '.join(skipped)})" if skipped else "")
+                + ": nothing is published until ~/add_object succeeds")
+        elif skipped:
+            st.level, st.message = DiagnosticStatus.WARN, f"objects not onboarded: {', '.join(skipped)}"
         elif d["bad_input"] or d["pipeline_errors"]:
             st.level, st.message = DiagnosticStatus.WARN, f"{d['bad_input']} bad frames, {d['pipeline_errors']} errors"
         else:
             st.level, st.message = DiagnosticStatus.OK, f"{d['processed'] / period:.1f} Hz"
         vals = {"rate_hz": f"{d['processed'] / period:.2f}",
                 "latency_ms": f"{1e3 * np.mean(lat):.1f}" if lat else "",
+                "objects": str(n_objects),
                 **{k: str(v) for k, v in sorted(total.items())}}
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr = DiagnosticArray(status=[st])
@@ -698,23 +854,40 @@ class OsopNode(Node):
                 return False
         return True
 
-    def destroy_node(self) -> None:
+    def destroy_node(self, worker_timeout: float = 1.0) -> None:
+        """Stop the worker and destroy the node. An in-flight frame or onboarding is abandoned: the worker
+        publishes nothing more, waiting service calls are answered, and the worker (a daemon thread,
+        possibly inside the pipeline) is joined for at most ``worker_timeout`` s."""
         cv = getattr(self, "_cv", None)
         if cv is not None:
             with cv:
                 self._stop = True
                 cv.notify_all()
+            job = self._current_job
+            if job is not None and not job.done.is_set():
+                job.result = (False, "node shutting down")
+                job.done.set()
+            self._fail_jobs("node shutting down")
+        pub_lock = getattr(self, "_pub_lock", None)
+        if pub_lock is not None:
+            with pub_lock:  # a publication in progress finishes; none starts after this
+                pass
         worker = getattr(self, "_worker", None)
         if worker is not None and worker.is_alive() and worker is not threading.current_thread():
-            worker.join(timeout=10.0)
+            worker.join(timeout=worker_timeout)
+        token = getattr(self, "_log_token", None)
+        if token is not None:
+            log_bridge.detach(token)
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console script ``osop_node``: run until Ctrl-C; exit 2 on bad parameters, 1 if startup fails."""
+    """Console script ``osop_node``: run until Ctrl-C (SIGINT/SIGTERM: exit 0 within ~1 s, an in-flight
+    frame is abandoned); exit 2 on bad parameters, 1 if startup fails."""
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
     rclpy.init(args=args)
     node = None
+    executor = None
     try:
         node = OsopNode()
         executor = MultiThreadedExecutor(num_threads=3)
@@ -727,8 +900,13 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.destroy_node()
+        try:
+            if node is not None:
+                node.destroy_node()
+            if executor is not None:
+                executor.shutdown(timeout_sec=1.0)
+        except KeyboardInterrupt:  # a second Ctrl-C while shutting down: just go
+            pass
         rclpy.try_shutdown()
     return 1 if node is not None and node.failed is not None else 0
 

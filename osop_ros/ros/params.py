@@ -52,6 +52,29 @@ class ParamSpec:
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] = ()
 
+    @property
+    def is_typed_array(self) -> bool:
+        """Declared with a type instead of a value: an array whose default is empty. The node gives it a
+        typed empty value (a NOT_SET value breaks ``ros2 param dump/get`` and rqt)."""
+        return isinstance(self.default, Parameter.Type)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` violates this parameter's choices or range (None when it does not)."""
+        if value is None:
+            return None
+        if self.name == "device":
+            dev = str(value)
+            if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", dev)):
+                return f"device must be auto, cpu, cuda or cuda:N, got {dev!r}"
+            return None
+        if self.choices and value not in self.choices:
+            return f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.range is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo, hi = self.range
+            if not lo <= value <= hi:
+                return f"{self.name} must be in [{lo}, {hi}], got {value}"
+        return None
+
     def descriptor(self) -> ParameterDescriptor:
         d = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
         if self.choices:
@@ -134,6 +157,7 @@ _CORE_DESCRIPTIONS = {
 }
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
+_CORE_CHOICES = {"pipeline.modality": ("auto", "rgb", "rgbd")}
 
 
 def core_param_specs() -> list[ParamSpec]:
@@ -146,7 +170,8 @@ def core_param_specs() -> list[ParamSpec]:
             name = f"{section}.{f.name}"
             rng = (0.0, 1.0) if name == "pipeline.score_threshold" else None
             desc = _CORE_DESCRIPTIONS.get(name, f"core config {name} (see osop_ros/core/config.py)")
-            specs.append(ParamSpec(name, f.default, desc, read_only=name not in LIVE_PARAMS, range=rng))
+            specs.append(ParamSpec(name, f.default, desc, read_only=name not in LIVE_PARAMS, range=rng,
+                                   choices=_CORE_CHOICES.get(name, ())))
     return specs
 
 
@@ -161,6 +186,19 @@ def object_param_specs(name: str) -> list[ParamSpec]:
         ParamSpec(p + "symmetries.continuous_offsets", _DBL_ARRAY, "3 floats per axis: a point on it (m)"),
         ParamSpec(p + "symmetries.discrete", _DBL_ARRAY, "16 floats per discrete symmetry (4x4 row-major, m)"),
     ]
+
+
+def spec_for(name: str) -> ParamSpec | None:
+    """The :class:`ParamSpec` of a declared parameter name (node, core or ``objects.<name>.*``)."""
+    for spec in (*NODE_PARAMS, *core_param_specs()):
+        if spec.name == name:
+            return spec
+    m = re.fullmatch(r"objects\.([A-Za-z][A-Za-z0-9_]*)\..+", name)
+    if m:
+        for spec in object_param_specs(m.group(1)):
+            if spec.name == name:
+                return spec
+    return None
 
 
 def symmetries_dict(axes: list[float] | None, offsets: list[float] | None, discrete: list[float] | None,
@@ -229,21 +267,10 @@ def object_spec_from_values(values: dict[str, Any], prefix: str, name: str) -> O
 def validate_values(values: dict[str, Any]) -> list[str]:
     """Cross-parameter checks (ranges/choices are also enforced here: overrides bypass descriptors)."""
     errs = []
-    specs = {s.name: s for s in NODE_PARAMS}
-    specs.update({s.name: s for s in core_param_specs()})
-    for name, spec in specs.items():
-        v = values.get(name)
-        if v is None:
-            continue
-        if spec.choices and name != "device" and v not in spec.choices:
-            errs.append(f"{name} must be one of {', '.join(spec.choices)}, got {v!r}")
-        if spec.range is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
-            lo, hi = spec.range
-            if not lo <= v <= hi:
-                errs.append(f"{name} must be in [{lo}, {hi}], got {v}")
-    dev = str(values.get("device", "auto"))
-    if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", dev)):
-        errs.append(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    for spec in (*NODE_PARAMS, *core_param_specs()):
+        problem = spec.problem(values.get(spec.name))
+        if problem:
+            errs.append(problem)
     if values.get("pipeline.modality") == "rgbd" and not values.get("use_depth", True):
         errs.append("pipeline.modality is rgbd but use_depth is false")
     mx, mn = values.get("max_image_side", 0), values.get("min_image_side", 1)

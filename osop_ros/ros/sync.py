@@ -18,6 +18,7 @@ Stamps are compared as integer nanoseconds. No rclpy import: unit-testable witho
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from collections.abc import Callable, Sequence
@@ -223,3 +224,104 @@ class FrameSynchronizer:
         self._last_out = stamp
         self._stats.synced += 1
         self.callback(list(msgs))
+
+
+@dataclass
+class LossReport:
+    """Input losses estimated by :class:`InputLossMonitor` over one evaluation window."""
+
+    received: int  # primary (rgb) messages received
+    gaps: int  # primary frames missing from the stamp sequence (stamp-period estimate)
+    unpaired: int  # received primary frames that never synchronised (depth/camera_info partner lost)
+    period_s: float  # estimated stamp period of the primary input (0 when unknown)
+
+    @property
+    def expected(self) -> int:
+        return self.received + self.gaps
+
+    @property
+    def lost(self) -> int:
+        return self.gaps + self.unpaired
+
+    @property
+    def rate(self) -> float:
+        """Fraction of the camera's frames that did not reach the pipeline's input."""
+        return self.lost / self.expected if self.expected else 0.0
+
+
+class InputLossMonitor:
+    """Detects lossy transport (e.g. best-effort QoS dropping large images) from the inputs alone.
+
+    Two symptoms are counted: gaps in the primary input's stamp sequence (the frame slots spanned by
+    the stamp steps, at the estimated stamp period, minus the frames seen, so a late frame followed
+    by a catch-up burst cancels out; steps longer than both ``max_gap_s`` and ``max_gap_periods``
+    periods are a paused stream, not losses) and primary messages that never found their partners
+    (the depth image or camera_info of that frame was lost). :meth:`take` evaluates once at least
+    ``min_expected`` frames were expected and returns a :class:`LossReport` when the lost fraction
+    exceeds ``threshold``. Thread-safe, no rclpy.
+    """
+
+    def __init__(self, threshold: float = 0.2, min_expected: int = 20, max_gap_s: float = 1.0,
+                 max_gap_periods: int = 20, history: int = 100) -> None:
+        self.threshold = threshold
+        self.min_expected = min_expected
+        self.max_gap_ns = int(max_gap_s * 1e9)
+        self.max_gap_periods = max_gap_periods
+        self._steps: list[int] = []
+        self._history = history
+        self._last: int | None = None
+        self._lock = threading.Lock()
+        self._pending_steps: list[int] = []
+        self._received = 0
+        self._synced = 0
+
+    def add_primary(self, stamp_ns: int) -> None:
+        """One accepted (not duplicate / out-of-order) primary message."""
+        with self._lock:
+            self._received += 1
+            if self._last is not None and stamp_ns > self._last:
+                step = stamp_ns - self._last
+                self._steps.append(step)
+                del self._steps[: -self._history]
+                self._pending_steps.append(step)
+            self._last = stamp_ns
+
+    def add_synced(self) -> None:
+        """One synchronised set (its primary message was paired)."""
+        with self._lock:
+            self._synced += 1
+
+    def reset_stream(self) -> None:
+        """Forget the stamp history (the stream restarted); counts are kept."""
+        with self._lock:
+            self._last = None
+            self._steps.clear()
+
+    def _period_locked(self) -> int:
+        """The stamp period: the mean of the shortest common step value (a cluster of steps within
+        +15 % of each other holding at least half as many steps as the largest cluster). Loss turns
+        steps into multiples of the period, which stays a common step while up to ~75 % of the frames
+        are lost; a few short steps (a driver catching up) are not common. 0 while unknown."""
+        if len(self._steps) < 5:
+            return 0
+        steps = sorted(self._steps)
+        clusters = [(bisect.bisect_right(steps, 1.15 * s, lo=i) - i, i) for i, s in enumerate(steps)]
+        best = max(n for n, _ in clusters)
+        n, i = next((n, i) for n, i in clusters if n >= 0.5 * best)
+        return round(sum(steps[i : i + n]) / n)
+
+    def take(self) -> LossReport | None:
+        """Evaluate the frames seen since the last evaluation; a report only when losses are high."""
+        with self._lock:
+            period = self._period_locked()
+            gaps = 0
+            if period:  # frame slots covered by the stamp steps minus the steps seen (pauses excluded)
+                max_gap = max(self.max_gap_ns, self.max_gap_periods * period)
+                steps = [st for st in self._pending_steps if st <= max_gap]
+                gaps = max(0, round(sum(steps) / period) - len(steps))
+            report = LossReport(self._received, gaps, max(0, self._received - self._synced), period / 1e9)
+            if report.expected < self.min_expected:
+                return None  # keep accumulating
+            self._pending_steps.clear()
+            self._received = self._synced = 0
+        return report if report.rate > self.threshold else None

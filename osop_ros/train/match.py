@@ -80,9 +80,13 @@ class MatchTask:
         self._val: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
-        return MatchNet(
-            MatchNetConfig.from_dict({**MatchNetConfig().to_dict(), **self.model_cfg}) if self.model_cfg else None
-        )
+        """``model: {arch: featmatch, proj_dim: D}`` trains a projection on the frozen backbone; else a MatchNet."""
+        cfg = dict(self.model_cfg or {})
+        if cfg.pop("arch", "matchnet") == "featmatch":
+            from osop_ros.nets.featnets import FeatMatchNet, FeatMatchNetConfig
+
+            return FeatMatchNet(FeatMatchNetConfig.from_dict({**FeatMatchNetConfig().to_dict(), **cfg}))
+        return MatchNet(MatchNetConfig.from_dict({**MatchNetConfig().to_dict(), **cfg}) if cfg else None)
 
     def _embed(self, model: nn.Module, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(rgb, mask)
@@ -115,7 +119,7 @@ class MatchTask:
         q_rgb, q_mask = random_cutout(q_rgb, q_mask, self.gen, p=0.2)
         q_mask = mask_noise(q_mask, self.gen)
         net = model.module if hasattr(model, "module") else model
-        if net.cfg.objective == "autoencoder":
+        if getattr(net.cfg, "objective", "contrastive") == "autoencoder":
             return self._ae_step(model, net, q_rgb, q_mask, q_idx_a, device)
         tr = to_tensor_rgb(np.concatenate(t_rgb), device)
         tm = to_tensor_mask(np.concatenate(t_mask), device)

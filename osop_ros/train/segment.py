@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osop_ros.nets.featnets import FeatSegNet, FeatSegNetConfig
 from osop_ros.nets.segnet import SegNet, SegNetConfig, colour_histogram, dice_loss
 from osop_ros.train.data import color_jitter, load_objects, load_shards, random_blur, to_tensor_mask, to_tensor_rgb
 
@@ -55,9 +56,33 @@ class SegmentTask:
         self.gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
 
     def build_model(self) -> nn.Module:
-        return SegNet(
-            SegNetConfig.from_dict({**SegNetConfig().to_dict(), **self.model_cfg}) if self.model_cfg else None
-        )
+        """``model: {arch: featseg, ...}`` trains a head on the frozen pretrained backbone; else a SegNet."""
+        cfg = dict(self.model_cfg or {})
+        if cfg.pop("arch", "segnet") == "featseg":
+            return FeatSegNet(FeatSegNetConfig.from_dict({**FeatSegNetConfig().to_dict(), **cfg}))
+        return SegNet(SegNetConfig.from_dict({**SegNetConfig().to_dict(), **cfg}) if cfg else None)
+
+    @torch.no_grad()
+    def _raw_vectors(self, net: FeatSegNet, objs: dict[str, np.ndarray], device: torch.device) -> list[np.ndarray]:
+        """Frozen-backbone template vectors of every (object, view): [(N_obj, V, C_l)] float16, computed once.
+
+        The projections are linear, so ``project_vectors`` of these equals ``template_vectors`` of the crops.
+        """
+        key = f"raw_{net.cfg.backbone}_{net.cfg.template_size}"
+        if key not in objs:
+            n, v = objs["rgb"].shape[:2]
+            flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
+            flat_mask = objs["mask"].reshape(n * v, *objs["mask"].shape[2:])
+            out: list[list[np.ndarray]] = []
+            for s in range(0, n * v, 128):
+                r = to_tensor_rgb(flat_rgb[s : s + 128], device)
+                m = to_tensor_mask(flat_mask[s : s + 128], device)
+                for i, vec in enumerate(net.raw_template_vectors(r, m)):
+                    if len(out) <= i:
+                        out.append([])
+                    out[i].append(vec.cpu().numpy().astype(np.float16))
+            objs[key] = [np.concatenate(o).reshape(n, v, -1) for o in out]
+        return objs[key]
 
     def _tvecs(
         self, model: nn.Module, objs: dict[str, np.ndarray], rows: list[int], views: np.ndarray, device: torch.device
@@ -67,6 +92,12 @@ class SegmentTask:
         mask = objs["mask"][rows][:, views]
         b, k = rgb.shape[:2]
         net = model.module if hasattr(model, "module") else model
+        if isinstance(net, FeatSegNet):
+            raw = self._raw_vectors(net, objs, device)
+            vecs = net.project_vectors([torch.from_numpy(r[rows][:, views].astype(np.float32)).to(device) for r in raw])
+            r = to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device)
+            m = to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device)
+            return vecs, colour_histogram(r, m).view(b, k, -1).mean(1)
         r = to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device)
         m = to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device)
         hist = colour_histogram(r, m).view(b, k, -1).mean(1)

@@ -6,9 +6,8 @@
 * :class:`OracleSegmenter` (stage 1): the visible GT masks of the queried object.
 * :class:`OracleMatcher` (stage 2): templates nearest in rotation to the GT (symmetry-aware, corrected for
   the off-axis viewing direction of the crop), top-k.
-* :class:`TemplateTransferCorrespondences` (stage 3, not an oracle, not learned): aligns the matched
-  template crop to the query crop (both square crops around the mask box) and takes the template's model
-  coordinates at template-mask pixels that fall inside the query mask.
+(The training-free stage 3 ``TemplateTransferCorrespondences`` is no oracle: it lives in
+:mod:`osop_ros.core.correspondence`.)
 
 Every class carries ``is_oracle`` so that runners can label their outputs.
 """
@@ -21,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from osop_ros.core.geometry import CropBox, centred_view_rotation, mask_to_box
+from osop_ros.core.geometry import centred_view_rotation, mask_to_box
 from osop_ros.core.types import (
-    Correspondences,
     InvalidInputError,
     MatchResult,
     Observation,
@@ -263,58 +261,3 @@ class OracleMatcher:
             scores=np.cos(np.radians(err[ids])).astype(np.float32),
             inplane_deg=theta[ids].astype(np.float32),
         )
-
-
-class TemplateTransferCorrespondences:
-    """Stage 3 without learning: 2D-3D pairs by overlaying the matched template on the query mask.
-
-    Template-mask pixels are rolled by ``match.inplane_deg`` about the template crop centre (the
-    convention of ``rotate_inplane``: ``(x, y) -> R2(theta) (x, y)`` with y down), then the square crop
-    around their bounding box (the bank's ``pad``) is aligned with the square crop around the query mask
-    box (templates and queries are framed the same way), so normalised crop coordinates coincide. Pairs:
-    template pixels landing inside the query mask; ``pts_obj`` = the template's model coordinates at the
-    pixel, ``uv`` = the corresponding full-image pixel; conf = 1. No resampling of either image.
-    """
-
-    is_oracle = False
-    name = "template-transfer"
-
-    def __init__(self, n_templates: int = 1, min_pairs: int = 0) -> None:
-        if n_templates < 1:
-            raise InvalidInputError(f"n_templates must be >= 1, got {n_templates}")
-        self.n_templates = n_templates
-        self.min_pairs = min_pairs
-
-    def __call__(
-        self, obs: Observation, seg: SegmentationResult, match: MatchResult, obj: OnboardedObject
-    ) -> list[Correspondences]:
-        if seg.box is None or not seg.mask.any():
-            return []
-        bank = obj.bank
-        S = bank.crop_size
-        cfg = bank.config
-        pad = cfg.pad if cfg is not None else 1.2
-        q_crop = CropBox.from_box(seg.box, pad=pad)
-        H, W = seg.mask.shape
-        c = (S - 1) / 2.0
-        out = []
-        for j, tid in enumerate(np.asarray(match.template_ids)[: self.n_templates]):
-            vs, us = np.nonzero(bank.mask[int(tid)])
-            if len(us) == 0:
-                continue
-            pts = bank.xyz[int(tid)][vs, us].astype(np.float64)
-            p = np.stack([us, vs], axis=1).astype(np.float64)
-            ang = np.radians(float(match.inplane_deg[j])) if len(match.inplane_deg) > j else 0.0
-            if abs(ang) > 1e-9:
-                R2 = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
-                p = (p - c) @ R2.T + c
-            t_crop = CropBox.from_points(p, pad=pad)
-            uv = np.array([q_crop.cx, q_crop.cy]) + (p - [t_crop.cx, t_crop.cy]) * (q_crop.side / t_crop.side)
-            ui = np.floor(uv[:, 0] + 0.5).astype(np.int64)
-            vi = np.floor(uv[:, 1] + 0.5).astype(np.int64)
-            ok = (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
-            ok[ok] = seg.mask[vi[ok], ui[ok]]
-            if ok.sum() < self.min_pairs:
-                continue
-            out.append(Correspondences(uv[ok], pts[ok], np.ones(int(ok.sum()), dtype=np.float32)))
-        return out

@@ -1,0 +1,178 @@
+"""Stage 1 and stage 2 networks on a frozen ImageNet-pretrained backbone (:mod:`osop_ros.nets.pretrained`).
+
+Both are drop-in replacements of :class:`~osop_ros.nets.segnet.SegNet` / :class:`~osop_ros.nets.matchnet.MatchNet`
+(same ``template_vectors`` / ``forward`` signatures), so onboarding, the stage classes and training use
+them unchanged. The backbone's weights stay in their registry package: checkpoints hold only the
+trained head (``frozen_prefixes`` are left out of the saved state dict and re-read from the package).
+
+* :class:`FeatSegNet` (stage 1): linear 1x1 projections of the backbone's stride 4/8/16/32 maps; template
+  vectors ``o1..o3`` = masked averages of the projected template maps (a linear projection commutes
+  with averaging, so the bank may store raw backbone vectors and training can precompute them);
+  Pearson attention after levels 1-3, U-Net decoder, optional colour prior. ``head="cosine"`` is the
+  training-free baseline: max-over-templates cosine similarity of raw local features, no trained part.
+* :class:`FeatMatchNet` (stage 2): the masked crop's stride-16 map, average-pooled to ``pool x pool``
+  cells (layout kept), each cell L2-normalised, flattened -> unit vector. ``proj_dim > 0`` adds a
+  learned 1x1 projection (trained contrastively like MatchNet); 0 = training-free descriptor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osop_ros.nets.backbone import DictConfig, UNetDecoder, conv_block
+from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig
+from osop_ros.nets.segnet import PearsonAttention, colour_prior
+
+
+def masked_average(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(T, C, h, w) maps, (T, 1, S, S) masks -> (T, C) averages over the (area-downsampled) mask."""
+    m = F.interpolate(mask, size=f.shape[-2:], mode="area")
+    return (f * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1e-3)
+
+
+@dataclass
+class FeatSegNetConfig(DictConfig):
+    """Architecture of :class:`FeatSegNet`."""
+
+    backbone: str = "efficientnet_lite0"
+    head: str = "learned"  # learned | cosine (training-free baseline)
+    proj: tuple[int, ...] = (32, 48, 96, 128)  # projection widths of the stride 4/8/16/32 maps
+    dec_channels: tuple[int, ...] = (96, 64, 32)
+    n_attention: int = 3
+    topk: int = 8
+    colour_prior: bool = True
+    template_size: int = 128  # template crops are resized to this before the backbone
+    cosine_levels: tuple[int, ...] = (2, 3)  # cosine head: levels averaged (0-based: stride 16 and 32)
+    cosine_tau: float = 0.25  # cosine head: similarity mapped to probability 0.5 (LM-O: GT median 0.22)
+    cosine_scale: float = 20.0
+
+
+class FeatSegNet(nn.Module):
+    """Image + template vectors of one object -> mask logits, on frozen pretrained features."""
+
+    arch = "featseg"
+    frozen_prefixes = ("backbone.",)
+    n_template_levels = 4  # template vectors of all four levels (the attention uses the first n_attention)
+
+    def __init__(self, cfg: FeatSegNetConfig | None = None, backbone: PretrainedBackbone | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or FeatSegNetConfig()
+        self.backbone = backbone or PretrainedBackbone(PretrainedConfig(self.cfg.backbone))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        chans = self.backbone.out_channels
+        if self.cfg.head == "learned":
+            self.proj = nn.ModuleList(nn.Conv2d(c, p, 1) for c, p in zip(chans, self.cfg.proj, strict=True))
+            self.attention = nn.ModuleList(
+                PearsonAttention(self.cfg.proj[i], self.cfg.topk) for i in range(self.cfg.n_attention)
+            )
+            self.decoder = UNetDecoder(list(self.cfg.proj), list(self.cfg.dec_channels))
+            c_extra = 2 if self.cfg.colour_prior else 0
+            self.refine = conv_block(self.decoder.out_channels + c_extra, 32)
+            self.head = nn.Conv2d(32, 1, 1)
+        elif self.cfg.head != "cosine":
+            raise ValueError(f"head must be learned|cosine, got {self.cfg.head!r}")
+
+    @torch.no_grad()
+    def features(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen backbone maps (strides 4, 8, 16, 32) of (B, 3, H, W) rgb in [0, 1]."""
+        return self.backbone(rgb)
+
+    @torch.no_grad()
+    def raw_template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone vectors [(T, C_l)] of masked template crops (T, 3, S, S), (T, 1, S, S), levels 0..3."""
+        s = self.cfg.template_size
+        x, m = rgb * mask, mask
+        if x.shape[-1] != s:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+            m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+        return [masked_average(f, m) for f in self.features(x)]
+
+    def project_vectors(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw backbone vectors -> the vectors the attention correlates with ([(..., C_l)])."""
+        if self.cfg.head == "cosine":
+            return raw
+        return [F.linear(v, p.weight[:, :, 0, 0], p.bias) for v, p in zip(raw, self.proj, strict=False)]
+
+    def template_vectors(
+        self, rgb: torch.Tensor, mask: torch.Tensor, hist: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per-template vectors (SegNet interface): rgb (T, 3, S, S), mask (T, 1, S, S) -> [(T, C_l)]."""
+        return self.project_vectors(self.raw_template_vectors(rgb, mask))
+
+    def forward(self, rgb: torch.Tensor, tvecs: list[torch.Tensor], hist: torch.Tensor | None = None) -> torch.Tensor:
+        """rgb: (B, 3, H, W) in [0, 1]; tvecs[l]: (B, K, C_l); hist: (B, N_BINS) -> logits (B, 1, H, W)."""
+        feats = self.features(rgb)
+        if self.cfg.head == "cosine":
+            return self._cosine(rgb, feats, tvecs)
+        h = [p(f) for p, f in zip(self.proj, feats, strict=True)]
+        for i in range(self.cfg.n_attention):
+            h[i] = self.attention[i](h[i], tvecs[i])
+        y = self.decoder(h)
+        if self.cfg.colour_prior:
+            if hist is None:
+                raise ValueError("this FeatSegNet uses a colour prior: pass the object's colour histogram")
+            prior = F.interpolate(colour_prior(rgb, hist), size=y.shape[-2:], mode="area")
+            y = torch.cat([y, prior], dim=1)
+        y = self.head(self.refine(y))
+        return F.interpolate(y, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _cosine(self, rgb: torch.Tensor, feats: list[torch.Tensor], tvecs: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[self.cfg.cosine_levels[0]].shape[-2:]
+        sims = []
+        for lvl in self.cfg.cosine_levels:
+            f = F.normalize(feats[lvl], dim=1)
+            o = F.normalize(tvecs[lvl], dim=-1)
+            s = torch.einsum("bchw,bkc->bkhw", f, o).max(dim=1, keepdim=True).values
+            sims.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
+        sim = torch.stack(sims).mean(0)
+        y = (sim - self.cfg.cosine_tau) * self.cfg.cosine_scale
+        return F.interpolate(y, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@dataclass
+class FeatMatchNetConfig(DictConfig):
+    """Architecture of :class:`FeatMatchNet`."""
+
+    backbone: str = "efficientnet_lite0"
+    level: int = 2  # 0-based backbone level: 2 = stride 16
+    input_size: int = 64  # crops are resized to this before the backbone
+    pool: int = 4  # cells per side of the descriptor (spatial layout kept)
+    proj_dim: int = 0  # 0 = training-free; > 0 = learned 1x1 projection to this many channels
+    crop_size: int = 64  # MatchNet interface (templates' crop size)
+
+
+class FeatMatchNet(nn.Module):
+    """(N, 3, S, S) rgb in [0, 1] + (N, 1, S, S) mask -> (N, D) unit descriptors, D = pool^2 x channels."""
+
+    arch = "featmatch"
+    frozen_prefixes = ("backbone.",)
+
+    def __init__(self, cfg: FeatMatchNetConfig | None = None, backbone: PretrainedBackbone | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or FeatMatchNetConfig()
+        self.backbone = backbone or PretrainedBackbone(PretrainedConfig(self.cfg.backbone, levels=self.cfg.level + 1))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        c = self.backbone.out_channels[self.cfg.level]
+        self.proj = nn.Conv2d(c, self.cfg.proj_dim, 1) if self.cfg.proj_dim > 0 else None
+        self.logit_scale = nn.Parameter(torch.tensor(2.3), requires_grad=self.proj is not None)
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.input_size
+        x = rgb * mask
+        if x.shape[-1] != s:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+            mask = F.interpolate(mask, size=(s, s), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            f = self.backbone(x)[self.cfg.level]
+        if self.proj is not None:
+            f = self.proj(f)
+        f = f * F.interpolate(mask, size=f.shape[-2:], mode="area")
+        f = F.adaptive_avg_pool2d(f, self.cfg.pool)
+        f = F.normalize(f, dim=1)
+        return F.normalize(f.flatten(1), dim=-1)

