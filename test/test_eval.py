@@ -37,6 +37,13 @@ def _box() -> trimesh.Trimesh:
     return m
 
 
+def _wedge() -> trimesh.Trimesh:
+    """Object 3: in the dataset's models but in no image (absent-object queries)."""
+    m = trimesh.creation.cone(radius=0.03, height=0.08, sections=12)
+    m.visual.vertex_colors = np.tile([90, 200, 60, 255], (len(m.vertices), 1))
+    return m
+
+
 def _pose(el_deg: float, az_deg: float, roll_deg: float, t: tuple[float, float, float]) -> np.ndarray:
     el, az = np.radians(el_deg), np.radians(az_deg)
     d = np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
@@ -68,11 +75,12 @@ def renderer():
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory, renderer) -> Path:
-    """BOP dataset: 2 objects (obj 2 symmetric), 2 images, depth only for image 0, targets file."""
+    """BOP dataset: 2 objects in the images (obj 2 symmetric) + obj 3 in none, 2 images, depth only for
+    image 0, targets file."""
     root = tmp_path_factory.mktemp("bop") / "synth"
     (root / "models").mkdir(parents=True)
     info = {}
-    for obj_id, mesh in ((1, _ell()), (2, _box())):
+    for obj_id, mesh in ((1, _ell()), (2, _box()), (3, _wedge())):
         mm = mesh.copy()
         mm.apply_scale(1000.0)
         path = root / "models" / f"obj_{obj_id:06d}.ply"
@@ -120,11 +128,18 @@ def _tcfg():
     return TemplateConfig(views=ViewGridConfig(n_elevations=5, n_azimuths=12, n_inplane=1), crop_size=48)
 
 
+def _config(**pipeline):
+    """Core config of the tests: CPU, default pipeline section (verification on) + ``pipeline`` overrides."""
+    from osop_ros.core.config import load_config
+
+    return load_config({"device": "cpu", "pipeline": pipeline})
+
+
 def _options(synth: Path, tmp_path: Path, **kw):
     from osop_ros.eval.runner import EvalOptions
 
     base = dict(dataset=synth, oracle=("mask", "viewpoint"), out=tmp_path / "res.csv", cache_dir=tmp_path.parent / "tc",
-                template_config=_tcfg(), progress=False)
+                template_config=_tcfg(), progress=False, correspondence="transfer", top_k=1, config=_config())
     base.update(kw)
     return EvalOptions(**base)
 
@@ -263,11 +278,15 @@ def test_eval_ground_truth_csv_is_perfect(synth: Path, tmp_path: Path, renderer)
 
 
 def test_learned_stage_unavailable_and_factory(synth: Path, tmp_path: Path, renderer) -> None:
+    from osop_ros.core.config import load_config
     from osop_ros.eval.oracle import OracleSegmenter
     from osop_ros.eval.runner import StageUnavailableError, run_eval
 
+    no_weights = load_config({"weights": {s: str(tmp_path / "none" / f"{s}.pt") for s in ("segment", "match",
+                                                                                           "correspond")}})
     with pytest.raises(StageUnavailableError, match="segmenter"):
-        run_eval(_options(synth, tmp_path, oracle=("viewpoint",)), renderer=renderer, print_fn=None)
+        run_eval(_options(synth, tmp_path, oracle=("viewpoint",), config=no_weights), renderer=renderer,
+                 print_fn=None)
 
     calls = []
 
@@ -314,4 +333,126 @@ def test_cli_eval(synth: Path, tmp_path: Path, capsys) -> None:
     no_weights.mkdir()
     assert main(["eval", "--dataset", str(synth), "--out", str(tmp_path / "x.csv"), "--no-progress",
                  "--weights-dir", str(no_weights)]) == 2
-    assert "learned segmenter, matcher not available" in capsys.readouterr().err
+    assert "learned segmenter, matcher, correspondence not available" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ what ships
+
+
+ROS_YAML = """
+/**/osop_node:
+  ros__parameters:
+    objects: {names: [a], a: {mesh: /x.ply}}
+    device: cpu
+    threads: 1
+    weights: {segment: "", match: "", correspond: ""}
+    templates: {crop_size: 48, n_elevations: 4}
+    pipeline: {modality: rgbd, score_threshold: 0.7, top_k_templates: 4, icp: false, verify: true,
+               verify_refine_top_n: 1, calibration: none}
+    qos: {reliability: reliable, depth: 5}
+    use_depth: true
+"""
+
+
+def test_eval_config_is_the_node_config(tmp_path: Path) -> None:
+    """``osop eval`` reads the node's parameter file the way the node does (and plain core YAML)."""
+    from osop_ros.core.config import load_config
+    from osop_ros.eval.runner import EvalOptions, default_node_config_path, load_eval_config
+
+    ros = tmp_path / "node.yaml"
+    ros.write_text(ROS_YAML)
+    cfg = load_eval_config(ros)
+    p = cfg.pipeline
+    assert (p.modality, p.score_threshold, p.top_k_templates, p.icp, p.verify_refine_top_n, p.calibration) == (
+        "rgbd", 0.7, 4, False, 1, "none")
+    assert cfg.device == "cpu" and cfg.threads == 1 and cfg.templates.crop_size == 48 and cfg.objects == []
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("device: cpu\npipeline: {top_k_templates: 2, verify: false}\n")
+    assert load_eval_config(plain).pipeline.top_k_templates == 2 and not load_eval_config(plain).pipeline.verify
+    # defaults = the config; options deviate
+    opts = EvalOptions(dataset=tmp_path, config=cfg)
+    r = opts.resolved_config()
+    assert r.pipeline.top_k_templates == 4 and r.pipeline.modality == "rgbd" and opts.corr_mode == "learned"
+    r2 = EvalOptions(dataset=tmp_path, config=cfg, top_k=1, icp=True, modality="rgb", score_threshold=0.2,
+                     max_instances=3).resolved_config()
+    assert (r2.pipeline.top_k_templates, r2.pipeline.icp, r2.pipeline.modality, r2.pipeline.score_threshold,
+            r2.pipeline.max_instances) == (1, True, "rgb", 0.2, 3)
+    # the shipped node file gives the same core config as the node's own parameter mapping
+    shipped = load_eval_config(default_node_config_path())
+    pytest.importorskip("rclpy")
+    import yaml
+
+    from osop_ros.eval.runner import _flatten
+    from osop_ros.ros.params import core_config, core_param_specs
+
+    raw = yaml.safe_load(default_node_config_path().read_text())["/**/osop_node"]["ros__parameters"]
+    values = {s.name: s.default for s in core_param_specs()} | {"device": "auto", "threads": 0} | _flatten(raw)
+    node = load_config(core_config(values))
+    assert shipped.pipeline == node.pipeline and shipped.weights == node.weights and shipped.templates == node.templates
+
+
+def _rows(csv: Path) -> list[tuple]:
+    from osop_ros.data.bop import read_bop_csv
+
+    return [(r.scene_id, r.im_id, r.obj_id, round(r.score, 6), tuple(np.round(r.T_cam_obj.reshape(-1), 6)))
+            for r in read_bop_csv(csv)]
+
+
+def test_eval_summary_absent_queries_and_jobs(synth: Path, tmp_path: Path, renderer) -> None:
+    """Top-level AR keys, published precision/recall, absent-object queries, features JSONL, calibration fit
+    and plot; ``jobs=2`` (worker processes) gives the same estimates as one process."""
+    from osop_ros.core.types import InvalidInputError
+    from osop_ros.eval.runner import run_eval
+
+    kw = dict(modality="auto", objects=[1, 2, 3], absent=1, pr_plot=tmp_path / "pr.png")
+    run = run_eval(_options(synth, tmp_path / "a", **kw), renderer=renderer, print_fn=None)
+    s = run.summary
+    assert s["AR"] == pytest.approx(s["metrics"]["ar_bop"]) and s["AR"] is not None
+    assert s["AR_VSD"] == pytest.approx(s["metrics"]["recall_depth"]["vsd"])
+    assert s["AR_MSSD"] == pytest.approx(s["metrics"]["recall_depth"]["mssd"])
+    assert s["AR_MSPD"] == pytest.approx(s["metrics"]["recall_depth"]["mspd"])
+    assert s["pipeline"]["verify"] and s["stages"]["verifier"] == "Verifier"
+    pub = s["published"]
+    assert pub["n_targets"] == 4 and pub["n_estimates"] == 4
+    assert pub["absent_queries"] == 2  # obj 3 in each of the 2 images
+    assert 0 <= pub["absent_published"] <= 2 and pub["n_published"] >= pub["n_correct"] >= 1
+    lines = [json.loads(x) for x in Path(s["features_jsonl"]).read_text().splitlines()]
+    assert len(lines) == len(run.records) and sum(r["absent"] for r in lines) >= 2
+    present = [r for r in lines if not r["absent"]]
+    assert {r["modality"] for r in present} == {"rgbd", "rgb"}  # auto: depth only for image 0
+    assert all(r["features"]["iou"] is not None and "raw" in r["features"] for r in present)
+    assert all(r["correct"] == (r["mssd_rel"] is not None and r["mssd_rel"] < 0.1) for r in present)
+    assert (tmp_path / "pr.png").is_file() and s["threshold_table"][0]["threshold"] == 0.0
+    with pytest.raises(InvalidInputError, match="not enough estimates"):  # 6 estimates cannot be calibrated
+        run_eval(_options(synth, tmp_path / "f", fit_calibration=tmp_path / "cal.yaml", objects=[1, 2, 3], absent=1),
+                 renderer=renderer, print_fn=None)
+    assert not (tmp_path / "cal.yaml").exists()
+    # no verification: the solver's score is published, no verification features
+    nv = run_eval(_options(synth, tmp_path / "nv", modality="rgbd", verify=False), renderer=renderer, print_fn=None)
+    assert nv.summary["stages"]["verifier"] == "none" and all(not r.get("features") for r in nv.records)
+    # worker processes: same estimates, same order
+    one = run_eval(_options(synth, tmp_path / "j1", modality="auto"), renderer=renderer, print_fn=None)
+    two = run_eval(_options(synth, tmp_path / "j2", modality="auto", jobs=2), renderer=renderer, print_fn=None)
+    assert _rows(one.csv_path) == _rows(two.csv_path) and len(_rows(one.csv_path)) == 4
+    assert two.summary["worker_processes"] == 2 and one.summary["worker_processes"] == 0
+
+
+def test_cli_eval_with_config_and_overrides(synth: Path, tmp_path: Path, capsys) -> None:
+    """``osop eval --config`` (plain YAML: small template grid) with flags deviating from it."""
+    from osop_ros.cli import main
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        f"device: cpu\ntemplates: {{crop_size: 48, n_elevations: 5, n_azimuths: 12, n_inplane: 1, "
+        f"cache_dir: {tmp_path.parent / 'tc'}}}\npipeline: {{score_threshold: 0.05, top_k_templates: 3}}\n"
+    )
+    out = tmp_path / "c.csv"
+    assert main(["eval", "--dataset", str(synth), "--config", str(cfg), "--oracle", "mask,viewpoint",
+                 "--correspondence", "transfer", "--top-k", "1", "--modality", "rgbd", "--objects", "1,2,3",
+                 "--absent", "1", "--out", str(out), "--no-progress", "--no-vsd"]) == 0
+    printed = capsys.readouterr().out
+    assert "top_k=1" in printed and "score_threshold=0.05" in printed and "absent objects: 1 queries" in printed
+    s = json.loads(out.with_suffix(".json").read_text())
+    assert s["pipeline"]["top_k_templates"] == 1 and s["pipeline"]["score_threshold"] == 0.05
+    assert s["AR"] is None and s["AR_VSD"] is None and s["AR_MSSD"] is not None  # --no-vsd: no BOP AR
+    assert s["published"]["threshold"] == 0.05 and out.with_suffix(".features.jsonl").is_file()

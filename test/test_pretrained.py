@@ -146,3 +146,25 @@ def test_descriptor_sensitive_to_rotation_not_to_background(lite0: PretrainedBac
     assert d0.shape == (1, 112 * 16)
     assert float(d0 @ d1.T) > 0.999
     assert float(d0 @ d2.T) < 0.9
+
+
+@needs_lite0
+@pytest.mark.parametrize("roll", [24.0, -30.0])
+def test_rolled_query_search_finds_template_and_roll(roll: float) -> None:
+    """A template crop rolled by ``roll`` is matched to that template with in-plane angle ``roll``."""
+    from osop_ros.core.matching import match_rolled_query
+    from osop_ros.nets.matchnet import rotate_inplane
+
+    net = build_network("descriptor:efficientnet_lite0", "cpu", stage="match")
+    g = torch.Generator().manual_seed(1)
+    base = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    mask = (((yy - 32) / 26) ** 2 + ((xx - 32) / 18) ** 2 <= 1).float().expand(8, 1, 64, 64).contiguous()
+    rgb = base * mask
+    with torch.no_grad():
+        bank = net(rgb, mask)
+        q_rgb = rotate_inplane(rgb[5:6], torch.tensor([roll]))
+        q_mask = rotate_inplane(mask[5:6], torch.tensor([roll]), nearest=True)
+        res = match_rolled_query(net, q_rgb, q_mask, bank, top_k=2)
+    assert int(res.template_ids[0]) == 5
+    assert abs(float(res.inplane_deg[0]) - roll) <= 6.0

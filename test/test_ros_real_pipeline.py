@@ -26,7 +26,7 @@ def test_node_publishes_pose_near_ground_truth(tmp_path) -> None:
     from osop_ros.ros.node import OsopNode
 
     cfg = load_config(None)
-    if not all(cfg.weight_path(s).is_file() for s in ("segment", "match", "correspond")):
+    if not all(cfg.weights_available(s) for s in ("segment", "match", "correspond")):
         pytest.skip("shipped weights not present")
     scene = make_demo_scene(seed=3)
     cam = scene.obs.camera
@@ -83,7 +83,7 @@ def test_node_latency_5hz_rgbd(tmp_path) -> None:
     from osop_ros.ros.node import OsopNode
 
     cfg = load_config(None)
-    if not all(cfg.weight_path(s).is_file() for s in ("segment", "match", "correspond")):
+    if not all(cfg.weights_available(s) for s in ("segment", "match", "correspond")):
         pytest.skip("shipped weights not present")
     scene = make_demo_scene(seed=3)
     cam = scene.obs.camera

@@ -42,14 +42,28 @@ WEIGHTS_HELP = (
 )
 
 
+def _max_instances(text: str) -> int | str:
+    if text == "targets":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'targets', got {text!r}")
+    return v
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate on a BOP dataset (VSD/MSSD/MSPD recalls, AR)",
+        help="evaluate on a BOP dataset (VSD/MSSD/MSPD recalls, AR, published-pose precision)",
         description=(
-            "Onboard the dataset's objects (template banks cached), estimate poses per image, write a BOP19 "
-            "CSV and a JSON summary next to it, and print per-object and overall recalls. ORACLE stages "
-            "(--oracle) read ground truth and are labelled as such in every output."
+            "Onboard the dataset's objects (template banks cached), estimate poses per image with the pipeline "
+            "the node runs (the `pipeline` section of --config, default config/osop.yaml; flags deviate from "
+            "it), write a BOP19 CSV, a JSON summary and a features JSONL next to it, and print per-object and "
+            "overall recalls, AR and the precision/recall of published poses (score >= threshold). ORACLE "
+            "stages (--oracle) read ground truth and are labelled as such in every output."
         ),
     )
     p.add_argument("--dataset", required=True, type=Path, help="BOP dataset directory (holds models/ and the split)")
@@ -62,10 +76,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--objects", type=_int_list, default=None, help="comma-separated BOP object ids, e.g. 1,5")
     p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node parameter file (/**/osop_node: ros__parameters: ...) or plain core YAML whose weights, "
+        "templates and pipeline sections define the evaluated pipeline (default: the package's config/osop.yaml)",
+    )
+    p.add_argument(
         "--modality",
-        choices=("rgb", "rgbd"),
-        default="rgb",
-        help="rgb: PnP; rgbd: Kabsch/PnP + ICP on the frames that have depth (default: rgb)",
+        choices=("rgb", "rgbd", "auto"),
+        default=None,
+        help="rgb: PnP; rgbd: Kabsch/PnP + ICP, frames without depth skipped; auto: depth where the frame has it "
+        "(default: the config's pipeline.modality)",
     )
     p.add_argument(
         "--oracle",
@@ -76,11 +98,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--correspondence",
         choices=("transfer", "learned"),
-        default="transfer",
-        help="stage 3: template transfer (no learning) or the learned network (default: transfer)",
+        default=None,
+        help="stage 3: the learned network (default, what the node runs) or template transfer (no learning)",
     )
-    p.add_argument("--top-k", type=int, default=1, help="templates (hypotheses) per instance (default: 1)")
+    p.add_argument("--top-k", type=int, default=None, help="templates per instance (default: pipeline.top_k_templates)")
+    p.add_argument("--no-icp", dest="icp", action="store_const", const=False, default=None, help="ICP off")
+    p.add_argument("--no-verify", dest="verify", action="store_const", const=False, default=None,
+                   help="no render-and-compare verification (score = the solver's mask/depth agreement)")
+    p.add_argument("--depth-seg", dest="depth_seg", action=argparse.BooleanOptionalAction, default=None,
+                   help="RGB-D clean-up of stage-1 masks with depth (default: pipeline.depth_seg)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="published = score >= this (default: pipeline.score_threshold)")
+    p.add_argument("--calibration", default=None,
+                   help="score calibration file, or 'none' (default: pipeline.calibration)")
+    p.add_argument("--seg-input-width", type=int, default=None, help="stage 1 input width (default: the config's)")
+    p.add_argument("--max-instances", type=_max_instances, default=None,
+                   help="instances per object and image: N, or 'targets' = the BOP inst_count (default: the config's)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--absent", type=int, default=0,
+                   help="per image, also query N evaluated objects that are NOT in the image (absent-object rate)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (each builds its own pipeline)")
     p.add_argument(
         "--results", type=Path, default=None, help="evaluate this existing BOP CSV instead of running the pipeline"
     )
@@ -89,17 +126,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="template cache (default: $OSOP_CACHE_DIR or ~/.cache/osop/templates)",
+        help="template cache (default: templates.cache_dir of the config, else ~/.cache/osop/templates)",
     )
     p.add_argument("--out", type=Path, default=Path("results.csv"), help="BOP CSV to write (JSON summary next to it)")
+    p.add_argument("--fit-calibration", type=Path, default=None, metavar="FILE",
+                   help="fit the score calibration (P(MSSD < 0.1 d)) on this run's estimates and write FILE "
+                   "(YAML/JSON; models of other modalities in FILE are kept)")
+    p.add_argument("--pr-plot", type=Path, default=None, metavar="PNG",
+                   help="plot precision/recall of published poses versus the score threshold")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (learned stages)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the config's device)")
     p.add_argument(
         "--weights-dir",
         type=Path,
         default=None,
-        help="directory with segment.pt, match.pt, correspond.pt (default: the shipped weights)",
+        help="directory with segment.pt, match.pt, correspond.pt (default: the config's weights)",
     )
+    p.add_argument("--weights", type=_weights_map, default={}, help=WEIGHTS_HELP)
     p.set_defaults(func=handler)
 
     q = subparsers.add_parser(
@@ -114,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--weights-dir", type=Path, default=None)
     q.add_argument("--weights", type=_weights_map, default={}, help=WEIGHTS_HELP)
     q.add_argument("--seg-input-width", type=int, default=320, help="stage 1 input width (default: 320)")
+    q.add_argument("--inplane", choices=("query", "templates"), default="query", help="stage 2 in-plane search")
     q.add_argument("--cache-dir", type=Path, default=None)
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)
@@ -134,6 +178,7 @@ def stages_handler(args: argparse.Namespace) -> int:
             weights_dir=args.weights_dir,
             weights=args.weights,
             seg_input_width=args.seg_input_width,
+            inplane=args.inplane,
             cache_dir=args.cache_dir,
         )
     )
@@ -145,25 +190,46 @@ def stages_handler(args: argparse.Namespace) -> int:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from osop_ros.eval.runner import EvalOptions, default_stage_factory, run_eval
+    import dataclasses
+
+    from osop_ros.eval.runner import EvalOptions, load_eval_config, run_eval
 
     if args.max_images is not None and args.max_images < 1:
         raise InvalidInputError(f"--max-images must be >= 1, got {args.max_images}")
+    cfg = load_eval_config(args.config)
+    weights = dataclasses.asdict(cfg.weights)
+    if args.weights_dir is not None:
+        weights.update({s: str(args.weights_dir / f"{s}.pt") for s in ("segment", "match", "correspond")})
+    weights.update(args.weights)
+    cfg = dataclasses.replace(cfg, weights=dataclasses.replace(cfg.weights, **weights))
     opts = EvalOptions(
         dataset=args.dataset,
         split=args.split,
         targets_file=args.targets,
         objects=args.objects,
+        config=cfg,
         modality=args.modality,
         oracle=tuple(args.oracle),
         correspondence=args.correspondence,
         top_k=args.top_k,
+        icp=args.icp,
+        verify=args.verify,
+        score_threshold=args.score_threshold,
+        calibration=args.calibration,
+        depth_seg=args.depth_seg,
+        seg_input_width=args.seg_input_width,
+        device=args.device,
+        max_instances=args.max_instances,
         max_images=args.max_images,
+        absent=args.absent,
+        jobs=args.jobs,
         out=args.out,
         results_csv=args.results,
         cache_dir=args.cache_dir,
         vsd=not args.no_vsd,
         progress=not args.no_progress,
+        fit_calibration=args.fit_calibration,
+        pr_plot=args.pr_plot,
     )
-    run_eval(opts, stage_factory=default_stage_factory(args.device, args.weights_dir))
+    run_eval(opts)
     return 0

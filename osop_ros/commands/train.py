@@ -97,7 +97,7 @@ def _export(args: argparse.Namespace) -> int:
         arch=net.arch,
         size_mb=dst.stat().st_size / 1e6,
         dtype="fp16 weights",
-        params=sum(p.numel() for p in net.parameters()) / 1e6,
+        params=sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6,  # frozen backbones excluded
         config=_json.dumps(net.cfg.to_dict()),
         data=_json.dumps(data),
         step=meta.get("step"),

@@ -80,10 +80,16 @@ class ObjectConfig:
 
 @dataclass
 class WeightsConfig:
-    """Network checkpoints; empty = the ones shipped in ``weights/``."""
+    """Network checkpoints; empty = the ones shipped in ``weights/``.
+
+    A training-free network is named instead of a file: ``cosine:<backbone>`` (stage 1) or
+    ``descriptor:<backbone>`` (stage 2), backbone one of ``osop_ros.nets.pretrained.SOURCES``.
+    Stage 2 defaults to the frozen EfficientNet-Lite0 descriptor: 13.5 deg median on the LM-O sample
+    against 35.7 deg for the CPU-trained MatchNet (docs/results.md).
+    """
 
     segment: str = ""
-    match: str = ""
+    match: str = "descriptor:efficientnet_lite0"
     correspond: str = ""
 
 
@@ -102,7 +108,17 @@ class TemplatesConfig:
 
 @dataclass
 class PipelineConfig:
-    """Inference behaviour."""
+    """Inference behaviour.
+
+    ``verify``: render-and-compare verification of every hypothesis (:mod:`osop_ros.core.verify`); the
+    published ``score`` is then P(pose correct) from the ``calibration`` file ("" = the shipped
+    ``config/score_calibration.yaml``, "none" = the uncalibrated verification score).
+    ``verify_refine_top_n``: ICP (RGB-D) of this many best-verified hypotheses, then re-verification.
+    ``verify_candidates``: stage-1 instance candidates (connected components) verified per object; the
+    ``max_instances`` best-verified ones are returned.
+    ``depth_seg``: RGB-D clean-up of stage-1 masks (support plane removed, cut at depth discontinuities,
+    connected 3D cluster kept; :mod:`osop_ros.core.depth_seg`).
+    """
 
     modality: str = "auto"  # auto | rgb | rgbd
     score_threshold: float = 0.3
@@ -111,6 +127,18 @@ class PipelineConfig:
     icp: bool = True
     tracking: bool = False
     seg_input_width: int = 320
+    verify: bool = True
+    verify_refine_top_n: int = 2
+    verify_candidates: int = 1
+    calibration: str = ""
+    depth_seg: bool = True
+
+    def __post_init__(self) -> None:
+        if self.verify_refine_top_n < 0 or self.verify_candidates < 1:
+            raise InvalidInputError(
+                f"pipeline.verify_refine_top_n must be >= 0 and pipeline.verify_candidates >= 1, got "
+                f"{self.verify_refine_top_n} and {self.verify_candidates}"
+            )
 
 
 @dataclass
@@ -167,6 +195,11 @@ class OsopConfig:
         if p:
             return resolve_path(p, Path(self.base_dir) if self.base_dir else None)
         return package_share_dir() / "weights" / f"{stage}.pt"
+
+    def weights_available(self, stage: str) -> bool:
+        """Whether ``stage``'s network can be built: a training-free spec, or an existing weights file."""
+        p = self.weight_path(stage)
+        return isinstance(p, str) or p.is_file()
 
     def template_cache_dir(self) -> Path:
         """Where template banks are cached."""

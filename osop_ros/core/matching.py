@@ -48,6 +48,11 @@ def embed_templates(
     return torch.cat(out)
 
 
+def inplane_deltas(range_deg: float, step_deg: float) -> np.ndarray:
+    """Roll angles (deg) searched in-plane: -range..+range in ``step`` steps, or just 0 when step is 0."""
+    return np.arange(-range_deg, range_deg + 1e-6, step_deg) if step_deg > 0 else np.zeros(1)
+
+
 @torch.no_grad()
 def match_templates(
     model: torch.nn.Module,
@@ -67,11 +72,7 @@ def match_templates(
     sims = bank_emb.float() @ q_emb.float()
     n_c = min(n_candidates, len(sims))
     cand = torch.topk(sims, n_c).indices.cpu().numpy()
-    deltas = (
-        np.arange(-inplane_range_deg, inplane_range_deg + 1e-6, inplane_step_deg)
-        if inplane_step_deg > 0
-        else np.zeros(1)
-    )
+    deltas = inplane_deltas(inplane_range_deg, inplane_step_deg)
     nd = len(deltas)
     rgb, mask = _to_t(bank_rgb[cand], bank_mask[cand].astype(np.float32), device)
     rgb = rgb.repeat_interleave(nd, 0)
@@ -90,8 +91,49 @@ def match_templates(
     )
 
 
+@torch.no_grad()
+def match_rolled_query(
+    model: torch.nn.Module,
+    q_rgb: torch.Tensor,
+    q_mask: torch.Tensor,
+    bank_emb: torch.Tensor,
+    top_k: int = 3,
+    inplane_range_deg: float = 36.0,
+    inplane_step_deg: float = 6.0,
+) -> MatchResult:
+    """Top-k (template id, roll) by rolling the *query* instead of the templates.
+
+    q_rgb (1, 3, S, S), q_mask (1, 1, S, S); bank_emb (T, D). The query rolled by ``-d`` matches the
+    template rolled by ``+d`` (same crop rule), so one batch of ``2 * range / step + 1`` query embeddings
+    scores every template at every roll: an exhaustive in-plane search (the bank's 72-degree in-plane
+    steps are covered by +-36 degrees) for 13 network passes instead of ``n_candidates x 13``.
+    """
+    from osop_ros.nets.matchnet import rotate_inplane
+
+    deltas = inplane_deltas(inplane_range_deg, inplane_step_deg)
+    d = torch.from_numpy(-deltas).float().to(q_rgb.device)
+    n = len(deltas)
+    rgb_r = rotate_inplane(q_rgb.expand(n, -1, -1, -1), d)
+    mask_r = rotate_inplane(q_mask.expand(n, -1, -1, -1), d, nearest=True)
+    emb = model(rgb_r, mask_r)  # (n, D)
+    sims = bank_emb.float() @ emb.float().T  # (T, n)
+    best = sims.argmax(1)
+    score = sims.gather(1, best[:, None])[:, 0]
+    order = torch.topk(score, min(top_k, len(score))).indices.cpu().numpy()
+    best = best.cpu().numpy()
+    return MatchResult(
+        template_ids=order.astype(np.int64),
+        scores=score.cpu().numpy()[order].astype(np.float32),
+        inplane_deg=deltas[best[order]].astype(np.float32),
+    )
+
+
 class TemplateMatcher:
-    """Stage 2 with a :class:`~osop_ros.nets.matchnet.MatchNet` (implements the Matcher protocol)."""
+    """Stage 2 with a :class:`~osop_ros.nets.matchnet.MatchNet` or a pretrained descriptor (Matcher protocol).
+
+    ``inplane="query"`` rolls the query crop (exhaustive over templates, 13 passes); ``"templates"`` rolls
+    the ``n_candidates`` best templates (``6 x 13`` passes), the original scheme.
+    """
 
     def __init__(
         self,
@@ -101,11 +143,15 @@ class TemplateMatcher:
         n_candidates: int = 6,
         inplane_range_deg: float = 36.0,
         inplane_step_deg: float = 6.0,
+        inplane: str = "query",
     ) -> None:
+        if inplane not in ("query", "templates"):
+            raise InvalidInputError(f"inplane must be query|templates, got {inplane!r}")
         self.net = net.eval()
         self.device = device
         self.top_k, self.n_candidates = top_k, n_candidates
         self.inplane_range_deg, self.inplane_step_deg = inplane_range_deg, inplane_step_deg
+        self.inplane = inplane
 
     @torch.no_grad()
     def bank_embeddings(self, obj: OnboardedObject) -> torch.Tensor:
@@ -125,6 +171,10 @@ class TemplateMatcher:
         S = obj.bank.crop_size
         _, rgb, mask = query_crop(obs, seg, S)
         r, m = _to_t(rgb[None], mask[None].astype(np.float32), self.device)
+        if self.inplane == "query":
+            return match_rolled_query(
+                self.net, r, m, self.bank_embeddings(obj), self.top_k, self.inplane_range_deg, self.inplane_step_deg
+            )
         q = self.net(r, m)[0]
         return match_templates(
             self.net,

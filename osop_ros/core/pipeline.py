@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from osop_ros.core.stages import (
     CorrespondenceEstimator,
@@ -14,7 +17,19 @@ from osop_ros.core.stages import (
     PoseSolverStage,
     Segmenter,
 )
-from osop_ros.core.types import InvalidInputError, Observation, PoseEstimate, PoseFailure
+from osop_ros.core.types import (
+    InvalidInputError,
+    Observation,
+    PoseEstimate,
+    PoseFailure,
+    PoseHypothesis,
+    SegmentationResult,
+)
+
+if TYPE_CHECKING:
+    from osop_ros.core.config import OsopConfig, PipelineConfig
+    from osop_ros.core.depth_seg import DepthMaskRefiner
+    from osop_ros.core.verify import ScoreCalibration, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +45,13 @@ class Pipeline:
 
     The stage objects are injected (learned networks, or oracles for ablations); ``objects`` are
     onboarded once and reused for every frame.
+
+    With a ``verifier`` (:mod:`osop_ros.core.verify`), every hypothesis of the solver (instances x
+    templates x initialisations) is rendered and compared with the observation, the
+    ``refine_top_n`` best are refined by ICP and re-verified, and the best-verified one is returned
+    with ``score`` = P(pose correct) from ``calibration`` (the raw verification score without one;
+    ``diagnostics["score_calibrated"]`` says which). Assigning :attr:`config` (an :class:`OsopConfig`,
+    as :func:`osop_ros.core.factory.build_pipeline` does) applies its ``pipeline`` verification keys.
     """
 
     def __init__(
@@ -42,6 +64,11 @@ class Pipeline:
         max_instances: int = 1,
         tracker: Tracker | None = None,
         modality: str = "auto",
+        verifier: Verifier | None = None,
+        calibration: ScoreCalibration | None = None,
+        refine_top_n: int = 2,
+        candidates: int = 1,
+        depth_refiner: DepthMaskRefiner | None = None,
     ) -> None:
         if modality not in ("auto", "rgb", "rgbd"):
             raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
@@ -53,8 +80,42 @@ class Pipeline:
         self.solver = solver
         self.max_instances = max_instances
         self.tracker = tracker
+        self.verifier = verifier
+        self.calibration = calibration
+        self.refine_top_n = refine_top_n
+        self.candidates = candidates
+        self.depth_refiner = depth_refiner
+        self._config: OsopConfig | None = None
         self._last: dict[str, PoseEstimate] = {}
 
+    @property
+    def config(self) -> OsopConfig | None:
+        """The configuration this pipeline was built from (None when assembled by hand)."""
+        return self._config
+
+    @config.setter
+    def config(self, cfg: OsopConfig | None) -> None:
+        self._config = cfg
+        if cfg is not None:
+            self.configure(cfg.pipeline, cfg.base_dir)
+
+    def configure(self, p: PipelineConfig, base_dir: str = "") -> None:
+        """Apply the verification keys of ``p`` (verify, verify_refine_top_n, verify_candidates, calibration)
+        and ``depth_seg``."""
+        from osop_ros.core.depth_seg import DepthMaskRefiner
+        from osop_ros.core.verify import Verifier
+
+        self.depth_refiner = DepthMaskRefiner() if p.depth_seg else None
+        if p.verify:
+            if self.verifier is None:
+                self.verifier = Verifier()
+            self.calibration = load_calibration(p.calibration, base_dir)
+        else:
+            if self.verifier is not None:
+                self.verifier.release()
+            self.verifier, self.calibration = None, None
+        self.refine_top_n = int(p.verify_refine_top_n)
+        self.candidates = int(p.verify_candidates)
 
     def add_object(self, obj: OnboardedObject) -> None:
         """Register another onboarded object (replaces one with the same name)."""
@@ -97,41 +158,138 @@ class Pipeline:
 
     def _full(self, obs: Observation, obj: OnboardedObject) -> list[PoseEstimate]:
         t0 = time.perf_counter()
-        segs = self.segmenter(obs, obj)[: self.max_instances]
+        segs = self.segmenter(obs, obj)
         t_seg = time.perf_counter() - t0
-        estimates = []
-        for seg in segs:
-            timings = {"segment": t_seg}
-            diag: dict = {"mask_area": int(seg.mask.sum()), "seg_score": float(seg.score)}
-            t = time.perf_counter()
-            match = self.matcher(obs, seg, obj)
-            timings["match"] = time.perf_counter() - t
-            diag["template_ids"] = [int(i) for i in match.template_ids]
-            diag["match_scores"] = [float(s) for s in match.scores]
-            t = time.perf_counter()
-            corrs = self.correspondence(obs, seg, match, obj)
-            timings["correspond"] = time.perf_counter() - t
-            diag["n_correspondences"] = [len(c) for c in corrs]
-            t = time.perf_counter()
-            try:
-                hyps = self.solver(obs, seg, corrs, obj)
-            except PoseFailure as exc:
-                timings["solve"] = time.perf_counter() - t
-                log.debug("%s: no pose (%s)", obj.name, exc.reason)
-                continue
-            timings["solve"] = time.perf_counter() - t
-            if not hyps:
-                continue
-            best = hyps[0]
-            diag.update({"inliers": best.inliers, **best.info})
-            timings["total"] = sum(timings.values())
-            estimates.append(
-                PoseEstimate(
-                    object_name=obj.name,
-                    T_cam_obj=best.T_cam_obj,
-                    score=float(best.score),
-                    diagnostics=diag,
-                    timings=timings,
-                )
-            )
+        n = self.max_instances if self.verifier is None else max(self.max_instances, self.candidates)
+        shared = {"segment": t_seg}
+        if self.depth_refiner is not None and obs.depth is not None:
+            t0 = time.perf_counter()
+            segs = self.depth_refiner(segs[: n + 1], obs.depth, obs.camera.K)
+            shared["depth_seg"] = time.perf_counter() - t0
+        estimates = [e for seg in segs[:n] if (e := self._instance(obs, obj, seg, shared)) is not None]
+        if self.verifier is not None and len(estimates) > 1:
+            estimates.sort(key=lambda e: -e.score)
+            estimates = _drop_duplicates(estimates, float(obj.model.diameter))[: self.max_instances]
         return estimates
+
+    def _instance(
+        self, obs: Observation, obj: OnboardedObject, seg: SegmentationResult, shared: dict[str, float]
+    ) -> PoseEstimate | None:
+        """Stages 2-4 (+ verification) for one stage-1 instance; None when the solver finds no pose."""
+        timings = dict(shared)
+        diag: dict = {"mask_area": int(seg.mask.sum()), "seg_score": float(seg.score)}
+        t = time.perf_counter()
+        match = self.matcher(obs, seg, obj)
+        timings["match"] = time.perf_counter() - t
+        diag["template_ids"] = [int(i) for i in match.template_ids]
+        diag["match_scores"] = [float(s) for s in match.scores]
+        t = time.perf_counter()
+        corrs = self.correspondence(obs, seg, match, obj)
+        timings["correspond"] = time.perf_counter() - t
+        diag["n_correspondences"] = [len(c) for c in corrs]
+        verify = self.verifier is not None
+        propose = getattr(self.solver, "propose", None) if verify else None
+        t = time.perf_counter()
+        try:
+            hyps = propose(obs, seg, corrs, obj) if propose is not None else self.solver(obs, seg, corrs, obj)
+        except PoseFailure as exc:
+            timings["solve"] = time.perf_counter() - t
+            log.debug("%s: no pose (%s)", obj.name, exc.reason)
+            return None
+        timings["solve"] = time.perf_counter() - t
+        if not hyps:
+            return None
+        best = hyps[0]
+        score = float(best.score)
+        if verify:
+            best, score = self._verify(obs, seg, obj, match.scores, hyps, propose is not None, diag, timings)
+        diag.update({"inliers": best.inliers, **best.info})
+        timings["total"] = sum(timings.values())
+        return PoseEstimate(obj.name, best.T_cam_obj, score, diagnostics=diag, timings=timings)
+
+    def _verify(
+        self,
+        obs: Observation,
+        seg: SegmentationResult,
+        obj: OnboardedObject,
+        match_scores: np.ndarray,
+        hyps: list[PoseHypothesis],
+        refine: bool,
+        diag: dict[str, Any],
+        timings: dict[str, float],
+    ) -> tuple[PoseHypothesis, float]:
+        """Verified best hypothesis (ICP-refined when the solver can) and its published score."""
+        from osop_ros.core.verify import model_flips, select_hypothesis
+
+        assert self.verifier is not None
+        t = time.perf_counter()
+        t_refine = [0.0]
+        solver_refine = getattr(self.solver, "refine", None) if refine else None
+
+        def do_refine(h: PoseHypothesis) -> PoseHypothesis | None:
+            t1 = time.perf_counter()
+            try:
+                return solver_refine(obs, seg, h, obj) if solver_refine is not None else None
+            finally:
+                t_refine[0] += time.perf_counter() - t1
+
+        def extra(h: PoseHypothesis) -> dict[str, float]:
+            i = int(h.info.get("corr_set", 0))
+            ms = float(match_scores[i]) if 0 <= i < len(match_scores) else float("nan")
+            return {"seg_score": float(seg.score), "match_score": ms}
+
+        uses_depth = getattr(self.solver, "uses_depth", None)
+        depth_used = obs.depth is not None and (uses_depth is None or uses_depth(obs))
+        vobs = obs if depth_used else Observation(obs.rgb, obs.camera, None)
+        flips = model_flips(obj) if self.verifier.config.flip_top_n > 0 else []
+        sel = select_hypothesis(self.verifier, vobs, seg, obj, hyps, do_refine if solver_refine else None,
+                                self.refine_top_n, extra, flips=flips)
+        assert sel is not None
+        timings["refine"] = t_refine[0]
+        timings["verify"] = time.perf_counter() - t - t_refine[0]
+        modality = "rgbd" if depth_used else "rgb"
+        feats = sel.verification.features
+        p = self.calibration.probability(feats, modality) if self.calibration is not None else None
+        diag.update({
+            "verify": {k: (None if v != v else float(v)) for k, v in feats.items()},
+            "verify_candidates": [round(v, 4) for v in sel.candidates],
+            "verify_refined": sel.refined,
+            "verify_modality": modality,
+            "score_raw": float(sel.verification.raw),
+            "score_solver": float(sel.hypothesis.score),
+            "score_calibrated": p is not None,
+        })
+        return sel.hypothesis, float(sel.verification.raw if p is None else p)
+
+
+def _drop_duplicates(estimates: list[PoseEstimate], diameter: float) -> list[PoseEstimate]:
+    """Keep the best-scored of estimates whose positions are closer than half the diameter (sorted input)."""
+    kept: list[PoseEstimate] = []
+    for e in estimates:
+        if all(np.linalg.norm(e.t - k.t) >= 0.5 * diameter for k in kept):
+            kept.append(e)
+    return kept
+
+
+def default_calibration_path() -> Path:
+    """The shipped ``config/score_calibration.yaml`` (source tree or ament share directory)."""
+    from osop_ros.core.config import package_share_dir
+
+    return package_share_dir() / "config" / "score_calibration.yaml"
+
+
+def load_calibration(spec: str, base_dir: str = "") -> ScoreCalibration | None:
+    """``pipeline.calibration``: "" = the shipped file (None, with a warning, when it is missing),
+    "none" = no calibration, else a YAML/JSON path (InvalidInputError when unreadable)."""
+    from osop_ros.core.config import resolve_path
+    from osop_ros.core.verify import ScoreCalibration
+
+    if spec.strip().lower() == "none":
+        return None
+    if not spec:
+        path = default_calibration_path()
+        if not path.is_file():
+            log.warning("no score calibration at %s: published scores are uncalibrated verification scores", path)
+            return None
+        return ScoreCalibration.load(path)
+    return ScoreCalibration.load(resolve_path(spec, Path(base_dir) if base_dir else None))

@@ -763,7 +763,53 @@ class PoseSolver:
         corrs: list[Correspondences],
         obj: OnboardedObject,
     ) -> list[PoseHypothesis]:
-        """Ranked hypotheses, best first; raises :class:`PoseFailure` with the reasons when none is trustworthy."""
+        """Ranked hypotheses, best first; raises :class:`PoseFailure` with the reasons when none is trustworthy.
+
+        = :meth:`propose`, then ICP (:meth:`refine`) of the ``icp_top_n`` best, re-ranked and de-duplicated.
+        """
+        c = self.config
+        hyps, reasons = self._propose(obs, seg, corrs, obj)
+        if self.uses_depth(obs) and c.icp:
+            for h in hyps[: c.icp_top_n]:
+                r = self.refine(obs, seg, h, obj)
+                if r is not None:
+                    h.T_cam_obj, h.score, h.info = r.T_cam_obj, r.score, r.info
+            hyps.sort(key=lambda h: -h.score)
+        return self._finish(hyps, reasons, obj)
+
+    def uses_depth(self, obs: Observation) -> bool:
+        """Whether this solver uses the depth of ``obs`` (present and ``use_depth``)."""
+        return bool(self.config.use_depth and obs.depth is not None)
+
+    def propose(
+        self,
+        obs: Observation,
+        seg: SegmentationResult,
+        corrs: list[Correspondences],
+        obj: OnboardedObject,
+    ) -> list[PoseHypothesis]:
+        """Every initial hypothesis (per correspondence set and initialisation), without ICP, ranked by
+        :func:`score_pose` and de-duplicated; raises :class:`PoseFailure` when there is none."""
+        hyps, reasons = self._propose(obs, seg, corrs, obj)
+        return self._finish(hyps, reasons, obj)
+
+    def _finish(self, hyps: list[PoseHypothesis], reasons: list[str], obj: OnboardedObject) -> list[PoseHypothesis]:
+        diameter = float(obj.model.diameter)
+        center = np.asarray(getattr(obj.model, "center", np.zeros(3)), dtype=np.float64)
+        hyps = self._dedup(hyps, obj.sym_Ts or [np.eye(4)], diameter, center)
+        if reasons:
+            hyps[0].info["failed"] = reasons
+        if hyps[0].score < self.config.min_score:
+            raise PoseFailure(f"best hypothesis score {hyps[0].score:.3f} < min_score {self.config.min_score:.3f}")
+        return hyps
+
+    def _propose(
+        self,
+        obs: Observation,
+        seg: SegmentationResult,
+        corrs: list[Correspondences],
+        obj: OnboardedObject,
+    ) -> tuple[list[PoseHypothesis], list[str]]:
         c = self.config
         mask = np.asarray(seg.mask, dtype=bool)
         if not mask.any():
@@ -772,10 +818,9 @@ class PoseSolver:
             raise PoseFailure("no correspondence sets")
         diameter = float(obj.model.diameter)
         K = obs.camera.K
-        use_depth = bool(c.use_depth and obs.depth is not None)
+        use_depth = self.uses_depth(obs)
         depth = obs.depth if use_depth else None
         pts, nrm = self._samples(obj)
-        center = np.asarray(getattr(obj.model, "center", np.zeros(3)), dtype=np.float64)
         tol = max(c.score_depth_tol_frac * diameter, c.score_depth_tol_floor)
         hyps: list[PoseHypothesis] = []
         reasons: list[str] = []
@@ -800,26 +845,33 @@ class PoseSolver:
         if not hyps:
             raise PoseFailure("; ".join(reasons))
         hyps.sort(key=lambda h: -h.score)
-        if use_depth and c.icp:
-            assert obs.depth is not None
-            spts = scene_points(obs.depth, K, mask, c.mask_dilate_px)
-            for h in hyps[: c.icp_top_n]:
-                r = self.icp(h.T_cam_obj, pts, nrm, spts, diameter, center_obj=center, seed=c.seed)
-                h.info.update({"icp_fitness": r.fitness, "icp_rmse": r.rmse, "icp_accepted": r.accepted})
-                if r.accepted:
-                    h.info["T_pre_icp"] = h.T_cam_obj.tolist()
-                    h.T_cam_obj = r.T_cam_obj
-                    h.score, sinfo = score_pose(h.T_cam_obj, pts, nrm, K, mask, depth, depth_tol=tol)
-                    h.info.update({f"score_{k}": v for k, v in sinfo.items()})
-                else:
-                    h.info["icp_reason"] = r.reason
-            hyps.sort(key=lambda h: -h.score)
-        hyps = self._dedup(hyps, obj.sym_Ts or [np.eye(4)], diameter, center)
-        if reasons:
-            hyps[0].info["failed"] = reasons
-        if hyps[0].score < c.min_score:
-            raise PoseFailure(f"best hypothesis score {hyps[0].score:.3f} < min_score {c.min_score:.3f}")
-        return hyps
+        return hyps, reasons
+
+    def refine(
+        self, obs: Observation, seg: SegmentationResult, hyp: PoseHypothesis, obj: OnboardedObject
+    ) -> PoseHypothesis | None:
+        """ICP of one hypothesis onto the depth inside the dilated mask: a new, re-scored hypothesis
+        (``info`` gains ``icp_*``; ``T_pre_icp`` when accepted), or None without depth / with ICP off."""
+        c = self.config
+        if not (self.uses_depth(obs) and c.icp):
+            return None
+        assert obs.depth is not None
+        mask = np.asarray(seg.mask, dtype=bool)
+        K = obs.camera.K
+        pts, nrm = self._samples(obj)
+        diameter = float(obj.model.diameter)
+        center = np.asarray(getattr(obj.model, "center", np.zeros(3)), dtype=np.float64)
+        spts = scene_points(obs.depth, K, mask, c.mask_dilate_px)
+        r = self.icp(hyp.T_cam_obj, pts, nrm, spts, diameter, center_obj=center, seed=c.seed)
+        info = {**hyp.info, "icp_fitness": r.fitness, "icp_rmse": r.rmse, "icp_accepted": r.accepted}
+        if not r.accepted:
+            info["icp_reason"] = r.reason
+            return PoseHypothesis(hyp.T_cam_obj.copy(), hyp.score, hyp.inliers, info)
+        info["T_pre_icp"] = hyp.T_cam_obj.tolist()
+        tol = max(c.score_depth_tol_frac * diameter, c.score_depth_tol_floor)
+        score, sinfo = score_pose(r.T_cam_obj, pts, nrm, K, mask, obs.depth, depth_tol=tol)
+        info.update({f"score_{k}": v for k, v in sinfo.items()})
+        return PoseHypothesis(r.T_cam_obj, score, hyp.inliers, info)
 
     def _dedup(
         self, hyps: list[PoseHypothesis], sym_Ts: list[np.ndarray], diameter: float, center: np.ndarray

@@ -170,8 +170,9 @@ def sample_intrinsics(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
     return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
 
 
-def sample_image_spec(rng: np.random.Generator, pool: Sequence[int], diameters: dict[int, float],
-                      cfg: SynthConfig) -> ImageSpec:
+def sample_image_spec(
+    rng: np.random.Generator, pool: Sequence[int], diameters: dict[int, float], cfg: SynthConfig
+) -> ImageSpec:
     """Random objects (from ``pool``), poses, intrinsics and lighting for one image."""
     if not pool:
         raise InvalidInputError("no objects to place")
@@ -194,8 +195,9 @@ def sample_image_spec(rng: np.random.Generator, pool: Sequence[int], diameters: 
         r = diameters[oid] / 2.0
         placed = None
         for _ in range(30):
-            z_far = far if is_dis else float(np.clip(K[0, 0] * 2 * r / (cfg.min_projected_diameter * W / 640.0),
-                                                     near, far))
+            z_far = (
+                far if is_dis else float(np.clip(K[0, 0] * 2 * r / (cfg.min_projected_diameter * W / 640.0), near, far))
+            )
             z = float(np.clip(z0 + rng.normal(0, cfg.depth_spread), near, z_far))
             if is_dis:
                 u, v = rng.uniform(-0.05, 1.05) * W, rng.uniform(-0.05, 1.05) * H
@@ -223,14 +225,21 @@ def sample_image_spec(rng: np.random.Generator, pool: Sequence[int], diameters: 
         rng.uniform(0.05, 1.0, size=3) if rng.random() < cfg.p_albedo_override else None for _ in obj_ids
     ]
     return ImageSpec(
-        K=K, obj_ids=obj_ids, poses=poses, distractor=distractor, light_dir_cam=light,
-        ambient=float(rng.uniform(*cfg.ambient_range)), diffuse=float(rng.uniform(*cfg.diffuse_range)),
-        specular=float(rng.uniform(*cfg.specular_range)) if rng.random() < 0.6 else 0.0, albedo=albedo,
+        K=K,
+        obj_ids=obj_ids,
+        poses=poses,
+        distractor=distractor,
+        light_dir_cam=light,
+        ambient=float(rng.uniform(*cfg.ambient_range)),
+        diffuse=float(rng.uniform(*cfg.diffuse_range)),
+        specular=float(rng.uniform(*cfg.specular_range)) if rng.random() < 0.6 else 0.0,
+        albedo=albedo,
     )
 
 
-def background_plane_depth(rng: np.random.Generator, K: np.ndarray, width: int, height: int, z_behind: float,
-                           max_tilt_deg: float = 35.0) -> np.ndarray:
+def background_plane_depth(
+    rng: np.random.Generator, K: np.ndarray, width: int, height: int, z_behind: float, max_tilt_deg: float = 35.0
+) -> np.ndarray:
     """(H, W) float32 depth of a random plane crossing the optical axis at ``z_behind`` metres; 0 where the
     plane is not in front of the camera or farther than 6.5 m."""
     tilt = np.deg2rad(rng.uniform(0, max_tilt_deg))
@@ -246,14 +255,14 @@ def background_plane_depth(rng: np.random.Generator, K: np.ndarray, width: int, 
     return z.astype(np.float32)
 
 
-def _png(img: np.ndarray) -> bytes:
+def encode_png(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover
         raise InvalidInputError("PNG encoding failed")
     return buf.tobytes()
 
 
-def _bbox_xywh(mask: np.ndarray, x_off: int = 0, y_off: int = 0) -> list[int]:
+def bbox_xywh(mask: np.ndarray, x_off: int = 0, y_off: int = 0) -> list[int]:
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return [-1, -1, -1, -1]
@@ -264,8 +273,13 @@ def _bbox_xywh(mask: np.ndarray, x_off: int = 0, y_off: int = 0) -> list[int]:
 class SynthGenerator:
     """Renders BOP scenes for one split of a :class:`MeshLibrary` with a :class:`~osop_ros.core.render.Renderer`."""
 
-    def __init__(self, library: MeshLibrary, renderer: Renderer, config: SynthConfig | None = None,
-                 backgrounds: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        library: MeshLibrary,
+        renderer: Renderer,
+        config: SynthConfig | None = None,
+        backgrounds: Sequence[Path] = (),
+    ) -> None:
         self.library = library
         self.renderer = renderer
         self.cfg = config or SynthConfig()
@@ -320,8 +334,15 @@ class SynthGenerator:
             self._ensure(oid)
         objs = [(str(oid), T) for oid, T in zip(spec.obj_ids, spec.poses, strict=True)]
         out = self.renderer.render(
-            spec.K, W, H, objs, light_dir_cam=spec.light_dir_cam, ambient=spec.ambient, diffuse=spec.diffuse,
-            specular=spec.specular, albedo=spec.albedo,
+            spec.K,
+            W,
+            H,
+            objs,
+            light_dir_cam=spec.light_dir_cam,
+            ambient=spec.ambient,
+            diffuse=spec.diffuse,
+            specular=spec.specular,
+            albedo=spec.albedo,
         )
         # background, compositing, photometric degradation
         bg = augment.random_background(rng, H, W, self.backgrounds, cfg.p_photo_background)
@@ -349,25 +370,37 @@ class SynthGenerator:
             full |= visib  # rasterisation is identical; guards against tiny differences
             px_all = int(max(fm.sum() if fm.size else 0, full.sum()))
             px_vis = int(visib.sum())
-            gt.append({
-                "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
-                "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
-                "obj_id": int(oid),
-            })
-            gt_info.append({
-                "bbox_obj": _bbox_xywh(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
-                "bbox_visib": _bbox_xywh(visib),
-                "px_count_all": px_all,
-                "px_count_valid": int((full & (depth > 0)).sum()),
-                "px_count_visib": px_vis,
-                "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
-            })
+            gt.append(
+                {
+                    "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
+                    "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
+                    "obj_id": int(oid),
+                }
+            )
+            gt_info.append(
+                {
+                    "bbox_obj": bbox_xywh(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
+                    "bbox_visib": bbox_xywh(visib),
+                    "px_count_all": px_all,
+                    "px_count_valid": int((full & (depth > 0)).sum()),
+                    "px_count_visib": px_vis,
+                    "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
+                }
+            )
             masks.append(full)
             masks_visib.append(visib)
         camera = {"cam_K": [float(x) for x in spec.K.reshape(-1)], "depth_scale": DEPTH_SCALE}
         return {
-            "rgb": rgb, "depth": depth, "xyz": xyz, "inst": inst, "masks": masks, "masks_visib": masks_visib,
-            "gt": gt, "gt_info": gt_info, "camera": camera, "distractor": spec.distractor,
+            "rgb": rgb,
+            "depth": depth,
+            "xyz": xyz,
+            "inst": inst,
+            "masks": masks,
+            "masks_visib": masks_visib,
+            "gt": gt,
+            "gt_info": gt_info,
+            "camera": camera,
+            "distractor": spec.distractor,
         }
 
     # ------------------------------------------------------------------ files
@@ -379,15 +412,20 @@ class SynthGenerator:
             raise InvalidInputError("JPEG encoding failed")
         atomic_write_bytes(scene_dir / "rgb" / f"{im_id:06d}.jpg", buf.tobytes())
         d = np.clip(np.round(data["depth"] * 1000.0 / DEPTH_SCALE), 0, 65535).astype(np.uint16)
-        atomic_write_bytes(scene_dir / "depth" / f"{im_id:06d}.png", _png(d))
+        atomic_write_bytes(scene_dir / "depth" / f"{im_id:06d}.png", encode_png(d))
         for k, (m, mv) in enumerate(zip(data["masks"], data["masks_visib"], strict=True)):
-            atomic_write_bytes(scene_dir / "mask" / f"{im_id:06d}_{k:06d}.png", _png(m.astype(np.uint8) * 255))
-            atomic_write_bytes(scene_dir / "mask_visib" / f"{im_id:06d}_{k:06d}.png", _png(mv.astype(np.uint8) * 255))
+            atomic_write_bytes(scene_dir / "mask" / f"{im_id:06d}_{k:06d}.png", encode_png(m.astype(np.uint8) * 255))
+            atomic_write_bytes(
+                scene_dir / "mask_visib" / f"{im_id:06d}_{k:06d}.png", encode_png(mv.astype(np.uint8) * 255)
+            )
         bio = io.BytesIO()
         np.savez_compressed(bio, xyz=data["xyz"].astype(np.float16), inst=data["inst"].astype(np.uint8))
         atomic_write_bytes(scene_dir / "xyz" / f"{im_id:06d}.npz", bio.getvalue())
-        atomic_write_json(scene_dir / ".partial" / f"{im_id:06d}.json",
-                          {"gt": data["gt"], "gt_info": data["gt_info"], "camera": data["camera"]}, indent=None)
+        atomic_write_json(
+            scene_dir / ".partial" / f"{im_id:06d}.json",
+            {"gt": data["gt"], "gt_info": data["gt_info"], "camera": data["camera"]},
+            indent=None,
+        )
 
     @staticmethod
     def scene_complete(scene_dir: Path) -> bool:
@@ -407,8 +445,15 @@ class SynthGenerator:
         shutil.rmtree(scene_dir / ".partial", ignore_errors=True)
 
     # ------------------------------------------------------------------ dataset
-    def __call__(self, out_dir: str | Path, split: str, n_scenes: int, seed: int = 0, split_dir: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+    def __call__(
+        self,
+        out_dir: str | Path,
+        split: str,
+        n_scenes: int,
+        seed: int = 0,
+        split_dir: str | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
         """Render ``n_scenes`` scenes of ``split`` into ``out_dir`` (resuming finished work); returns stats."""
         from tqdm import tqdm
 
@@ -433,12 +478,19 @@ class SynthGenerator:
                 continue
             todo += [(s, i) for i in range(n_per) if not (sd / ".partial" / f"{i:06d}.json").is_file()]
         n_total = n_scenes * n_per
-        log.info("%s: %d of %d images to render (%d objects in split %r)", out_dir, len(todo), n_total, len(pool),
-                 split)
+        log.info(
+            "%s: %d of %d images to render (%d objects in split %r)", out_dir, len(todo), n_total, len(pool), split
+        )
         t0 = time.perf_counter()
         done = 0
-        bar = tqdm(total=n_total, initial=n_total - len(todo), desc=f"synth {split}", disable=not progress,
-                   unit="img", mininterval=2.0)
+        bar = tqdm(
+            total=n_total,
+            initial=n_total - len(todo),
+            desc=f"synth {split}",
+            disable=not progress,
+            unit="img",
+            mininterval=2.0,
+        )
         by_scene: dict[int, list[int]] = {}
         for s, i in todo:
             by_scene.setdefault(s, []).append(i)
@@ -456,9 +508,15 @@ class SynthGenerator:
         elapsed = time.perf_counter() - t0
         targets = write_test_targets(out_dir, split_dir, n_scenes)
         stats = {
-            "split": split, "split_dir": split_dir, "scenes": n_scenes, "images": n_total, "rendered_now": done,
-            "seconds": round(elapsed, 2), "images_per_s": round(done / elapsed, 3) if done and elapsed > 0 else None,
-            "objects_in_split": len(pool), "test_targets": len(targets),
+            "split": split,
+            "split_dir": split_dir,
+            "scenes": n_scenes,
+            "images": n_total,
+            "rendered_now": done,
+            "seconds": round(elapsed, 2),
+            "images_per_s": round(done / elapsed, 3) if done and elapsed > 0 else None,
+            "objects_in_split": len(pool),
+            "test_targets": len(targets),
         }
         write_dataset_files(out_dir, cfg, split, seed, stats, self.library.root)
         return stats
@@ -471,9 +529,13 @@ class SynthGenerator:
             prev = json.loads(p.read_text())
         except ValueError:
             return
-        same = (prev.get("split") == split and prev.get("seed") == seed and prev.get("split_dir") == split_dir
-                and prev.get("config") == json.loads(json.dumps(asdict(self.cfg)))
-                and prev.get("mesh_dir") == str(self.library.root))
+        same = (
+            prev.get("split") == split
+            and prev.get("seed") == seed
+            and prev.get("split_dir") == split_dir
+            and prev.get("config") == json.loads(json.dumps(asdict(self.cfg)))
+            and prev.get("mesh_dir") == str(self.library.root)
+        )
         if not same:
             raise InvalidInputError(
                 f"{out_dir} holds a synth run with other settings (split, seed, config or meshes); use another --out"
@@ -502,8 +564,9 @@ def link_models(library: MeshLibrary, obj_ids: Sequence[int], models_dir: Path) 
     atomic_write_json(models_dir / "models_info.json", info)
 
 
-def write_test_targets(out_dir: Path, split_dir: str, n_scenes: int, min_visib: float = MIN_VISIB_TARGET
-                       ) -> list[dict[str, int]]:
+def write_test_targets(
+    out_dir: Path, split_dir: str, n_scenes: int, min_visib: float = MIN_VISIB_TARGET
+) -> list[dict[str, int]]:
     """BOP ``test_targets_bop19.json`` over the complete scenes: per (scene, image, obj) the number of instances
     with ``visib_fract >= min_visib``."""
     targets: list[dict[str, int]] = []
@@ -525,23 +588,44 @@ def write_test_targets(out_dir: Path, split_dir: str, n_scenes: int, min_visib: 
     return targets
 
 
-def write_dataset_files(out_dir: Path, cfg: SynthConfig, split: str, seed: int, stats: dict[str, Any],
-                        mesh_dir: Path) -> None:
+def write_dataset_files(
+    out_dir: Path, cfg: SynthConfig, split: str, seed: int, stats: dict[str, Any], mesh_dir: Path
+) -> None:
     """Nominal ``camera.json`` and ``synth_info.json`` (config, seed, stats)."""
     fx = sum(cfg.fx_range) / 2 * cfg.width / 640.0
-    atomic_write_json(out_dir / "camera.json", {
-        "cx": (cfg.width - 1) / 2.0, "cy": (cfg.height - 1) / 2.0, "depth_scale": DEPTH_SCALE, "fx": fx, "fy": fx,
-        "height": cfg.height, "width": cfg.width,
-    })
+    atomic_write_json(
+        out_dir / "camera.json",
+        {
+            "cx": (cfg.width - 1) / 2.0,
+            "cy": (cfg.height - 1) / 2.0,
+            "depth_scale": DEPTH_SCALE,
+            "fx": fx,
+            "fy": fx,
+            "height": cfg.height,
+            "width": cfg.width,
+        },
+    )
     conf = asdict(cfg)
-    atomic_write_json(out_dir / "synth_info.json", {
-        "format": "osop_ros synthetic BOP v1 (+xyz/*.npz: xyz float16 m model frame, inst uint8 = scene_gt index + 1)",
-        "split": split, "split_dir": stats["split_dir"], "seed": seed, "mesh_dir": str(mesh_dir), "config": conf,
-        "stats": stats,
-    })
+    atomic_write_json(
+        out_dir / "synth_info.json",
+        {
+            "format": "osop_ros synthetic BOP v1 "
+            "(+xyz/*.npz: xyz float16 m model frame, inst uint8 = scene_gt index + 1)",
+            "split": split,
+            "split_dir": stats["split_dir"],
+            "seed": seed,
+            "mesh_dir": str(mesh_dir),
+            "config": conf,
+            "stats": stats,
+        },
+    )
 
 
-def make_generator(mesh_dir: str | Path, renderer: Renderer, config: SynthConfig | None = None,
-                   backgrounds_dir: str | Path | None = None) -> SynthGenerator:
+def make_generator(
+    mesh_dir: str | Path,
+    renderer: Renderer,
+    config: SynthConfig | None = None,
+    backgrounds_dir: str | Path | None = None,
+) -> SynthGenerator:
     """Convenience constructor: library from ``mesh_dir`` and photo backgrounds from ``backgrounds_dir``."""
     return SynthGenerator(MeshLibrary(mesh_dir), renderer, config, list_images(backgrounds_dir))

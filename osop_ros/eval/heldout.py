@@ -57,6 +57,7 @@ import numpy as np
 from osop_ros.core.geometry import invert_T, look_at, make_T, rotation_about_axis
 from osop_ros.core.types import InvalidInputError
 from osop_ros.data.meshes import atomic_write_bytes, atomic_write_json
+from osop_ros.data.synth import bbox_xywh, encode_png
 
 if TYPE_CHECKING:
     from osop_ros.core.mesh import ObjectModel
@@ -189,11 +190,14 @@ def _extrude(poly: np.ndarray, depth: float, kernel: np.ndarray) -> Any:
     i = np.arange(n)
     j = (i + 1) % n
     cb, ct = 2 * n, 2 * n + 1
-    faces = np.vstack([
-        np.c_[i, j, n + j], np.c_[i, n + j, n + i],  # sides (outward for CCW)
-        np.c_[np.full(n, ct), n + i, n + j],  # top, +z
-        np.c_[np.full(n, cb), j, i],  # bottom, -z
-    ])
+    faces = np.vstack(
+        [
+            np.c_[i, j, n + j],
+            np.c_[i, n + j, n + i],  # sides (outward for CCW)
+            np.c_[np.full(n, ct), n + i, n + j],  # top, +z
+            np.c_[np.full(n, cb), j, i],  # bottom, -z
+        ]
+    )
     return trimesh.Trimesh(verts, faces, process=True)
 
 
@@ -226,8 +230,9 @@ def build_geometry(kind: str, size: float, rng: np.random.Generator) -> tuple[An
         H = min(size, 2 * R * rng.uniform(0.8, 2.2))
         R = min(R, size / 2.0)
         e = 0.04 * H
-        mesh = _revolve([(0, 0), (0.93 * R, 0), (R, e), (R, H - e), (0.95 * R, H), (0.85 * R, H), (0.85 * R, H - e),
-                         (0, H - e)])
+        mesh = _revolve(
+            [(0, 0), (0.93 * R, 0), (R, e), (R, H - e), (0.95 * R, H), (0.85 * R, H), (0.85 * R, H - e), (0, H - e)]
+        )
         rests = [I3, I3, flip, side]
     elif kind == "bottle":
         H = size
@@ -307,8 +312,14 @@ def _palette(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
         s, v = rng.uniform(0.75, 1.0, n), rng.uniform(0.55, 0.95, n)
     else:  # two complementary hues, near-white, near-black, then lighter / darker variants of the hues
         sat, val = rng.uniform(0.6, 0.9), rng.uniform(0.55, 0.8)
-        base = [(h0, sat, val), ((h0 + 0.5) % 1.0, sat, val), (h0, 0.05, 0.95), (h0, 0.1, 0.12),
-                (h0, 0.35 * sat, 1.0), ((h0 + 0.5) % 1.0, sat, 0.45 * val)]
+        base = [
+            (h0, sat, val),
+            ((h0 + 0.5) % 1.0, sat, val),
+            (h0, 0.05, 0.95),
+            (h0, 0.1, 0.12),
+            (h0, 0.35 * sat, 1.0),
+            ((h0 + 0.5) % 1.0, sat, 0.45 * val),
+        ]
         hues, s, v = (np.array([base[k % 6][j] for k in range(n)]) for j in range(3))
     hsv = np.stack([hues * 180.0, s * 255.0, v * 255.0], axis=1).astype(np.uint8)[None]
     rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0].astype(np.float64) / 255.0
@@ -337,8 +348,9 @@ def colour_vertices(kind: str, verts: np.ndarray, rng: np.random.Generator) -> t
         return pal[order[idx]]
 
     revolved = kind in REVOLVED
-    schemes = ["bands_z", "label", "stripes", "checker", "dots"] if revolved else ["stripes", "checker",
-                                                                                   "two_tone", "dots"]
+    schemes = (
+        ["bands_z", "label", "stripes", "checker", "dots"] if revolved else ["stripes", "checker", "two_tone", "dots"]
+    )
     probs = np.array([0.5, 0.2, 0.1, 0.1, 0.1]) if revolved else None
     scheme = str(rng.choice(schemes, p=probs))
     d = rng.normal(size=3)
@@ -379,8 +391,9 @@ def colour_vertices(kind: str, verts: np.ndarray, rng: np.random.Generator) -> t
     return np.clip(np.round(c * 255.0), 0, 255).astype(np.uint8), scheme, pal_name, symmetric
 
 
-def make_object(obj_id: int, kind: str, rng: np.random.Generator, size_range: tuple[float, float]) -> tuple[
-        Any, HeldoutObject, list[np.ndarray]]:
+def make_object(
+    obj_id: int, kind: str, rng: np.random.Generator, size_range: tuple[float, float]
+) -> tuple[Any, HeldoutObject, list[np.ndarray]]:
     """Coloured trimesh (mm, bbox-centred; solids of revolution keep their axis on z), its record and rests."""
     import trimesh
 
@@ -407,13 +420,19 @@ def make_object(obj_id: int, kind: str, rng: np.random.Generator, size_range: tu
     colours, scheme, pal_name, symmetric = colour_vertices(kind, verts, rng)
     glossy = rng.random() < 0.5
     rec = HeldoutObject(
-        obj_id=obj_id, kind=kind, colouring=scheme, palette=pal_name, size_mm=round(size, 2), symmetric=symmetric,
+        obj_id=obj_id,
+        kind=kind,
+        colouring=scheme,
+        palette=pal_name,
+        size_mm=round(size, 2),
+        symmetric=symmetric,
         specular=round(float(rng.uniform(0.15, 0.6) if glossy else rng.uniform(0.01, 0.08)), 3),
         shininess=round(float(np.exp(rng.uniform(np.log(24), np.log(120))) if glossy else rng.uniform(3, 10)), 2),
         faces=len(mesh.faces),
     )
-    out = trimesh.Trimesh(verts, np.asarray(mesh.faces), vertex_colors=np.c_[colours, np.full(len(colours), 255)],
-                          process=False)
+    out = trimesh.Trimesh(
+        verts, np.asarray(mesh.faces), vertex_colors=np.c_[colours, np.full(len(colours), 255)], process=False
+    )
     return out, rec, rests
 
 
@@ -422,8 +441,11 @@ def models_info_entry(model: ObjectModel, symmetric: bool) -> dict[str, Any]:
     lo, hi = model.bbox_min * 1000.0, model.bbox_max * 1000.0
     info: dict[str, Any] = {
         "diameter": round(model.diameter * 1000.0, 5),
-        "min_x": round(float(lo[0]), 5), "min_y": round(float(lo[1]), 5), "min_z": round(float(lo[2]), 5),
-        "size_x": round(float(hi[0] - lo[0]), 5), "size_y": round(float(hi[1] - lo[1]), 5),
+        "min_x": round(float(lo[0]), 5),
+        "min_y": round(float(lo[1]), 5),
+        "min_z": round(float(lo[2]), 5),
+        "size_x": round(float(hi[0] - lo[0]), 5),
+        "size_y": round(float(hi[1] - lo[1]), 5),
         "size_z": round(float(hi[2] - lo[2]), 5),
     }
     if symmetric:
@@ -440,7 +462,7 @@ def _periodic_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarr
     g = np.pad(g, 2, mode="wrap")
     up = cv2.resize(g, ((cells + 4) * size // cells,) * 2, interpolation=cv2.INTER_CUBIC)
     o = 2 * size // cells
-    return np.clip(up[o:o + size, o:o + size], 0, 1)
+    return np.clip(up[o : o + size, o : o + size], 0, 1)
 
 
 def ground_texture(rng: np.random.Generator, size: int = 512) -> tuple[np.ndarray, str, float]:
@@ -499,9 +521,16 @@ def ground_model(texture: np.ndarray, period: float, half_extent: float, angle: 
     c, s = math.cos(angle), math.sin(angle)
     uv = (v[:, :2] @ np.array([[c, -s], [s, c]], dtype=np.float32)) / period
     return ObjectModel(
-        name="heldout_ground", path=None, vertices=v, faces=np.array([[0, 1, 2], [0, 2, 3]], dtype=np.int32),
-        normals=np.tile(np.array([0, 0, 1], np.float32), (4, 1)), vertex_colors=None, uv=uv.astype(np.float32),
-        texture=texture, diameter=float(2 * math.sqrt(2) * e), bbox_min=v.min(0).astype(np.float64),
+        name="heldout_ground",
+        path=None,
+        vertices=v,
+        faces=np.array([[0, 1, 2], [0, 2, 3]], dtype=np.int32),
+        normals=np.tile(np.array([0, 0, 1], np.float32), (4, 1)),
+        vertex_colors=None,
+        uv=uv.astype(np.float32),
+        texture=texture,
+        diameter=float(2 * math.sqrt(2) * e),
+        bbox_min=v.min(0).astype(np.float64),
         bbox_max=v.max(0).astype(np.float64),
     )
 
@@ -522,8 +551,13 @@ def _footprint(pts_xy: np.ndarray, res: float) -> tuple[np.ndarray, np.ndarray]:
     return m.astype(bool), o
 
 
-def sample_layout(rng: np.random.Generator, obj_ids: list[int], hulls: dict[int, np.ndarray],
-                  rests: dict[int, list[np.ndarray]], cfg: HeldoutConfig) -> SceneLayout:
+def sample_layout(
+    rng: np.random.Generator,
+    obj_ids: list[int],
+    hulls: dict[int, np.ndarray],
+    rests: dict[int, list[np.ndarray]],
+    cfg: HeldoutConfig,
+) -> SceneLayout:
     """Objects in stable rests with random yaw, pushed from random directions towards the cluster until they
     touch (or stop a few mm short); ground texture of the scene."""
     res, start = 0.002, 1.0  # 2 mm cells; objects slide in from 1 m
@@ -544,7 +578,7 @@ def sample_layout(rng: np.random.Generator, obj_ids: list[int], hulls: dict[int,
             x0, y0 = int(c[0] + o[0]), int(c[1] + o[1])
             if x0 < 0 or y0 < 0 or x0 + fp.shape[1] > n_cells or y0 + fp.shape[0] > n_cells:
                 return False
-            return not (grown[y0:y0 + fp.shape[0], x0:x0 + fp.shape[1]] & fp).any()
+            return not (grown[y0 : y0 + fp.shape[0], x0 : x0 + fp.shape[1]] & fp).any()
 
         if k == 0:
             pos = np.array([mid, mid], dtype=float)
@@ -559,7 +593,7 @@ def sample_layout(rng: np.random.Generator, obj_ids: list[int], hulls: dict[int,
                 pos = c
         c = np.round(pos).astype(int)
         x0, y0 = c[0] + o[0], c[1] + o[1]
-        occ[y0:y0 + fp.shape[0], x0:x0 + fp.shape[1]] |= fp
+        occ[y0 : y0 + fp.shape[0], x0 : x0 + fp.shape[1]] |= fp
         t = np.array([(c[0] - mid) * res, (c[1] - mid) * res, z0])
         Ts.append(make_T(R, t))
     world_pts = np.vstack([hulls[oid] @ T[:3, :3].T + T[:3, 3] for oid, T in zip(obj_ids, Ts, strict=True)])
@@ -569,18 +603,31 @@ def sample_layout(rng: np.random.Generator, obj_ids: list[int], hulls: dict[int,
     world_pts[:, :2] -= centre[:2]
     radius = float(np.linalg.norm(world_pts, axis=1).max())
     tex, style, period = ground_texture(rng)
-    return SceneLayout(obj_ids=list(obj_ids), T_world_obj=Ts, ground_style=style, ground_texture=tex, tile_m=period,
-                       ground_specular=float(rng.uniform(0.02, 0.25)), centre=np.zeros(3), radius=radius)
+    return SceneLayout(
+        obj_ids=list(obj_ids),
+        T_world_obj=Ts,
+        ground_style=style,
+        ground_texture=tex,
+        tile_m=period,
+        ground_specular=float(rng.uniform(0.02, 0.25)),
+        centre=np.zeros(3),
+        radius=radius,
+    )
 
 
-def sample_camera(rng: np.random.Generator, cfg: HeldoutConfig, layout: SceneLayout,
-                  world_pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sample_camera(
+    rng: np.random.Generator, cfg: HeldoutConfig, layout: SceneLayout, world_pts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(K (3, 3), T_cam_world (4, 4)): orbit camera looking down at the cluster, >= 0.12 m from every object."""
     W, H, s = cfg.width, cfg.height, cfg.px
     fx = rng.uniform(*cfg.fx_range) * s
-    K = np.array([[fx, 0.0, (W - 1) / 2.0 + rng.uniform(-1, 1) * cfg.principal_offset * s],
-                  [0.0, fx * rng.uniform(0.997, 1.003), (H - 1) / 2.0 + rng.uniform(-1, 1) * cfg.principal_offset * s],
-                  [0.0, 0.0, 1.0]])
+    K = np.array(
+        [
+            [fx, 0.0, (W - 1) / 2.0 + rng.uniform(-1, 1) * cfg.principal_offset * s],
+            [0.0, fx * rng.uniform(0.997, 1.003), (H - 1) / 2.0 + rng.uniform(-1, 1) * cfg.principal_offset * s],
+            [0.0, 0.0, 1.0],
+        ]
+    )
     for _ in range(50):
         el = math.radians(rng.uniform(*cfg.elevation_deg))
         az = rng.uniform(0, 2 * np.pi)
@@ -614,8 +661,14 @@ def _backproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     return np.stack([(u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth], axis=-1)
 
 
-def shadow_visibility(P_cam: np.ndarray, normal_cam: np.ndarray, valid: np.ndarray, T_light_cam: np.ndarray,
-                      K_l: np.ndarray, shadow_depth: np.ndarray) -> np.ndarray:
+def shadow_visibility(
+    P_cam: np.ndarray,
+    normal_cam: np.ndarray,
+    valid: np.ndarray,
+    T_light_cam: np.ndarray,
+    K_l: np.ndarray,
+    shadow_depth: np.ndarray,
+) -> np.ndarray:
     """(H, W) float32 1 = lit, 0 = in hard shadow: light-view depth test of camera points with slope bias."""
     S = shadow_depth.shape[0]
     p = P_cam[valid].astype(np.float64) @ T_light_cam[:3, :3].T + T_light_cam[:3, 3]
@@ -650,16 +703,23 @@ def sensor_rgb(lin: np.ndarray, rng: np.random.Generator, cfg: HeldoutConfig) ->
     img = cv2.GaussianBlur(img, (0, 0), sigma_blur)
     a, b = rng.uniform(0.001, 0.006), rng.uniform(1e-5, 1e-4)
     img = img + rng.standard_normal(img.shape).astype(np.float32) * np.sqrt(a * np.maximum(img, 0) + b).astype(
-        np.float32)
+        np.float32
+    )
     img = np.clip(img, 0, None)
     img = img * 1.15 / (img + 0.15)  # soft shoulder, 1 -> 1
     out = np.clip(np.round(255.0 * np.clip(img, 0, 1) ** (1 / 2.2)), 0, 255).astype(np.uint8)
-    return out, {"exposure": round(expo, 4), "wb_kelvin": round(wb), "blur_sigma": round(sigma_blur, 3),
-                 "shot_noise": round(float(a), 5), "read_noise_var": round(float(b), 6)}
+    return out, {
+        "exposure": round(expo, 4),
+        "wb_kelvin": round(wb),
+        "blur_sigma": round(sigma_blur, 3),
+        "shot_noise": round(float(a), 5),
+        "read_noise_var": round(float(b), 6),
+    }
 
 
-def sensor_depth(z: np.ndarray, normal_cam: np.ndarray, P_cam: np.ndarray, rng: np.random.Generator,
-                 cfg: HeldoutConfig) -> np.ndarray:
+def sensor_depth(
+    z: np.ndarray, normal_cam: np.ndarray, P_cam: np.ndarray, rng: np.random.Generator, cfg: HeldoutConfig
+) -> np.ndarray:
     """Clean depth (H, W) m -> uint16 mm: z^2 noise, edge / grazing dropout, invalid blobs, range limit."""
     H, W = z.shape
     valid = z > 0
@@ -670,8 +730,9 @@ def sensor_depth(z: np.ndarray, normal_cam: np.ndarray, P_cam: np.ndarray, rng: 
     rng_local = cv2.dilate(np.where(valid, z, 0).astype(np.float32), k3) - cv2.erode(zb, k3)
     edge = valid & (rng_local > 0.01 * np.maximum(z, 0.5) / 0.5)
     near_edge = cv2.dilate(edge.astype(np.uint8), k3) > 0
-    drop = (edge & (rng.random(z.shape) < cfg.edge_dropout + 0.2)) | (near_edge & (rng.random(z.shape)
-                                                                                   < cfg.edge_dropout * 0.5))
+    drop = (edge & (rng.random(z.shape) < cfg.edge_dropout + 0.2)) | (
+        near_edge & (rng.random(z.shape) < cfg.edge_dropout * 0.5)
+    )
     view = -P_cam / np.maximum(np.linalg.norm(P_cam, axis=-1, keepdims=True), 1e-9)
     grazing = valid & (np.abs((normal_cam * view).sum(-1)) < 0.12)
     drop |= grazing & (rng.random(z.shape) < 0.7)
@@ -683,20 +744,6 @@ def sensor_depth(z: np.ndarray, normal_cam: np.ndarray, P_cam: np.ndarray, rng: 
     drop |= blobs > 0
     keep = valid & ~drop & (z <= cfg.depth_max)
     return np.where(keep, np.clip(np.round(d * 1000.0 / DEPTH_SCALE), 0, 65535), 0).astype(np.uint16)
-
-
-def _png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:  # pragma: no cover
-        raise InvalidInputError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def _bbox(mask: np.ndarray, x_off: int = 0, y_off: int = 0) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [-1, -1, -1, -1]
-    return [int(xs.min()) + x_off, int(ys.min()) + y_off, int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1]
 
 
 # =============================================================================================== generator
@@ -742,8 +789,7 @@ class HeldoutGenerator:
             self.hulls[oid] = model.hull_points()
             self.renderer.add_object(f"hb_{oid}", model)
             enc = np.clip(np.round((model.normals.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-            self.renderer.add_object(f"hbn_{oid}", dataclasses.replace(model, vertex_colors=enc, uv=None,
-                                                                       texture=None))
+            self.renderer.add_object(f"hbn_{oid}", dataclasses.replace(model, vertex_colors=enc, uv=None, texture=None))
         atomic_write_json(models_dir / "models_info.json", info)
 
     # ------------------------------------------------------------------ scenes
@@ -764,8 +810,9 @@ class HeldoutGenerator:
     def _set_ground(self, layout: SceneLayout, rng_angle: float) -> None:
         model = ground_model(layout.ground_texture, layout.tile_m, self.cfg.ground_half_extent, rng_angle)
         self.renderer.add_object("hb_ground", model)
-        n = dataclasses.replace(model, uv=None, texture=None,
-                                vertex_colors=np.tile(np.array([128, 128, 255], np.uint8), (4, 1)))
+        n = dataclasses.replace(
+            model, uv=None, texture=None, vertex_colors=np.tile(np.array([128, 128, 255], np.uint8), (4, 1))
+        )
         self.renderer.add_object("hbn_ground", n)
 
     def _solo(self, oid: int, T: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -792,8 +839,9 @@ class HeldoutGenerator:
         cfg = self.cfg
         W, H = cfg.width, cfg.height
         ren = self.renderer
-        world_pts = np.vstack([self.hulls[o] @ T[:3, :3].T + T[:3, 3]
-                               for o, T in zip(layout.obj_ids, layout.T_world_obj, strict=True)])
+        world_pts = np.vstack(
+            [self.hulls[o] @ T[:3, :3].T + T[:3, 3] for o, T in zip(layout.obj_ids, layout.T_world_obj, strict=True)]
+        )
         K, T_cw = sample_camera(rng, cfg, layout, world_pts)
         T_co = [T_cw @ T for T in layout.T_world_obj]
         # geometry passes: albedo (unlit) and model-frame normals, ground plane = instance 1
@@ -820,8 +868,9 @@ class HeldoutGenerator:
         half = float(np.max(np.abs(pl[:, :2]) / pl[:, 2:3])) * 1.1 + 1e-3
         S = cfg.shadow_map_size
         K_l = np.array([[S / 2 / half, 0, (S - 1) / 2], [0, S / 2 / half, (S - 1) / 2], [0, 0, 1.0]])
-        sm = ren.render(K_l, S, S, [(f"hb_{o}", T_lw @ T) for o, T in zip(layout.obj_ids, layout.T_world_obj,
-                                                                          strict=True)], **unlit).depth
+        sm = ren.render(
+            K_l, S, S, [(f"hb_{o}", T_lw @ T) for o, T in zip(layout.obj_ids, layout.T_world_obj, strict=True)], **unlit
+        ).depth
         T_lc = T_lw @ invert_T(T_cw)
         vis = shadow_visibility(P, n_cam, valid, T_lc, K_l, sm)
         light_c = T_cw[:3, :3] @ light_w + T_cw[:3, 3]
@@ -833,8 +882,7 @@ class HeldoutGenerator:
         light_rgb = (kelvin_rgb(light_k) * rng.uniform(0.8, 1.6)).astype(np.float32)
         E = light_rgb[None, None] * (d0 / dist) ** 2 * vis[..., None]
         albedo = (geo.rgb.astype(np.float32) / 255.0) ** 2.2
-        ks = np.array([layout.ground_specular] + [self.records[o].specular for o in layout.obj_ids] + [0.0],
-                      np.float32)
+        ks = np.array([layout.ground_specular] + [self.records[o].specular for o in layout.obj_ids] + [0.0], np.float32)
         shin = np.array([16.0] + [self.records[o].shininess for o in layout.obj_ids] + [1.0], np.float32)
         ndl = np.clip((n_cam * Lv).sum(-1), 0, None)
         Hv = Lv + view
@@ -865,25 +913,47 @@ class HeldoutGenerator:
             full |= visib
             px_all = int(max(fm.sum() if fm.size else 0, full.sum()))
             px_vis = int(visib.sum())
-            gt.append({"cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
-                       "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]], "obj_id": int(oid)})
-            gt_info.append({
-                "bbox_obj": _bbox(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
-                "bbox_visib": _bbox(visib),
-                "px_count_all": px_all,
-                "px_count_valid": int((full & (depth_mm > 0)).sum()),
-                "px_count_visib": px_vis,
-                "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
-            })
+            gt.append(
+                {
+                    "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
+                    "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
+                    "obj_id": int(oid),
+                }
+            )
+            gt_info.append(
+                {
+                    "bbox_obj": bbox_xywh(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
+                    "bbox_visib": bbox_xywh(visib),
+                    "px_count_all": px_all,
+                    "px_count_valid": int((full & (depth_mm > 0)).sum()),
+                    "px_count_visib": px_vis,
+                    "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
+                }
+            )
             masks.append(full)
             masks_visib.append(visib)
-        camera = {"cam_K": [float(x) for x in K.reshape(-1)], "depth_scale": DEPTH_SCALE,
-                  "cam_R_w2c": [float(x) for x in T_cw[:3, :3].reshape(-1)],
-                  "cam_t_w2c": [float(x) * 1000.0 for x in T_cw[:3, 3]]}
-        settings = {"light_kelvin": round(light_k), "light_height_m": round(float(light_w[2]), 3),
-                    "jpeg_quality": int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)), **sensor}
-        return {"rgb": rgb, "depth": depth_mm, "masks": masks, "masks_visib": masks_visib, "gt": gt,
-                "gt_info": gt_info, "camera": camera, "settings": settings}
+        camera = {
+            "cam_K": [float(x) for x in K.reshape(-1)],
+            "depth_scale": DEPTH_SCALE,
+            "cam_R_w2c": [float(x) for x in T_cw[:3, :3].reshape(-1)],
+            "cam_t_w2c": [float(x) * 1000.0 for x in T_cw[:3, 3]],
+        }
+        settings = {
+            "light_kelvin": round(light_k),
+            "light_height_m": round(float(light_w[2]), 3),
+            "jpeg_quality": int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)),
+            **sensor,
+        }
+        return {
+            "rgb": rgb,
+            "depth": depth_mm,
+            "masks": masks,
+            "masks_visib": masks_visib,
+            "gt": gt,
+            "gt_info": gt_info,
+            "camera": camera,
+            "settings": settings,
+        }
 
     @staticmethod
     def write_image(scene_dir: Path, im_id: int, data: dict[str, Any]) -> None:
@@ -893,12 +963,17 @@ class HeldoutGenerator:
         if not ok:  # pragma: no cover
             raise InvalidInputError("JPEG encoding failed")
         atomic_write_bytes(scene_dir / "rgb" / f"{im_id:06d}.jpg", buf.tobytes())
-        atomic_write_bytes(scene_dir / "depth" / f"{im_id:06d}.png", _png(data["depth"]))
+        atomic_write_bytes(scene_dir / "depth" / f"{im_id:06d}.png", encode_png(data["depth"]))
         for k, (m, mv) in enumerate(zip(data["masks"], data["masks_visib"], strict=True)):
-            atomic_write_bytes(scene_dir / "mask" / f"{im_id:06d}_{k:06d}.png", _png(m.astype(np.uint8) * 255))
-            atomic_write_bytes(scene_dir / "mask_visib" / f"{im_id:06d}_{k:06d}.png", _png(mv.astype(np.uint8) * 255))
-        atomic_write_json(scene_dir / ".partial" / f"{im_id:06d}.json",
-                          {k: data[k] for k in ("gt", "gt_info", "camera", "settings")}, indent=None)
+            atomic_write_bytes(scene_dir / "mask" / f"{im_id:06d}_{k:06d}.png", encode_png(m.astype(np.uint8) * 255))
+            atomic_write_bytes(
+                scene_dir / "mask_visib" / f"{im_id:06d}_{k:06d}.png", encode_png(mv.astype(np.uint8) * 255)
+            )
+        atomic_write_json(
+            scene_dir / ".partial" / f"{im_id:06d}.json",
+            {k: data[k] for k in ("gt", "gt_info", "camera", "settings")},
+            indent=None,
+        )
 
     @staticmethod
     def finish_scene(scene_dir: Path, n_images: int) -> None:
@@ -915,8 +990,9 @@ class HeldoutGenerator:
         (scene_dir / ".partial").rmdir()
 
     # ------------------------------------------------------------------ dataset
-    def __call__(self, out_dir: str | Path, n_images: int = 40, n_objects: int = 12, seed: int = 7,
-                 progress: bool = True) -> dict[str, Any]:
+    def __call__(
+        self, out_dir: str | Path, n_images: int = 40, n_objects: int = 12, seed: int = 7, progress: bool = True
+    ) -> dict[str, Any]:
         """Generate (or resume) the dataset in ``out_dir``; returns counts and throughput."""
         from tqdm import tqdm
 
@@ -934,8 +1010,9 @@ class HeldoutGenerator:
                 prev = None
             if prev is not None and prev != run:
                 raise InvalidInputError(f"{out_dir} holds a held-out set with other settings {prev}; use another --out")
-        atomic_write_json(info_path, {"format": "osop_ros held-out BOP v1", "style": STYLE, "run": run,
-                                      "complete": False})
+        atomic_write_json(
+            info_path, {"format": "osop_ros held-out BOP v1", "style": STYLE, "run": run, "complete": False}
+        )
         self.build_models(out_dir, n_objects, seed)
         sizes = _scene_sizes(n_images, cfg.images_per_scene)
         split_dir = out_dir / SPLIT
@@ -966,25 +1043,48 @@ class HeldoutGenerator:
         elapsed = time.perf_counter() - t0
         targets, n_inst, visib = write_targets(out_dir, len(sizes))
         fx = sum(cfg.fx_range) / 2 * cfg.px
-        atomic_write_json(out_dir / "camera.json", {
-            "cx": (cfg.width - 1) / 2.0, "cy": (cfg.height - 1) / 2.0, "depth_scale": DEPTH_SCALE, "fx": fx, "fy": fx,
-            "height": cfg.height, "width": cfg.width})
+        atomic_write_json(
+            out_dir / "camera.json",
+            {
+                "cx": (cfg.width - 1) / 2.0,
+                "cy": (cfg.height - 1) / 2.0,
+                "depth_scale": DEPTH_SCALE,
+                "fx": fx,
+                "fy": fx,
+                "height": cfg.height,
+                "width": cfg.width,
+            },
+        )
         stats = {
-            "scenes": len(sizes), "images": n_images, "rendered_now": done, "seconds": round(elapsed, 2),
+            "scenes": len(sizes),
+            "images": n_images,
+            "rendered_now": done,
+            "seconds": round(elapsed, 2),
             "images_per_s": round(done / elapsed, 3) if done and elapsed > 0 else None,
-            "objects": n_objects, "symmetric_objects": sum(r.symmetric for r in self.records.values()),
-            "instances": n_inst, "test_targets": len(targets),
+            "objects": n_objects,
+            "symmetric_objects": sum(r.symmetric for r in self.records.values()),
+            "instances": n_inst,
+            "test_targets": len(targets),
             "mean_visib_fract": round(float(np.mean(visib)), 3) if visib else None,
         }
-        atomic_write_json(info_path, {
-            "format": "osop_ros held-out BOP v1", "style": STYLE, "run": run, "complete": True, "stats": stats,
-            "ground_styles": ground_styles, "objects": [asdict(self.records[o]) for o in sorted(self.records)],
-        })
+        atomic_write_json(
+            info_path,
+            {
+                "format": "osop_ros held-out BOP v1",
+                "style": STYLE,
+                "run": run,
+                "complete": True,
+                "stats": stats,
+                "ground_styles": ground_styles,
+                "objects": [asdict(self.records[o]) for o in sorted(self.records)],
+            },
+        )
         return stats
 
 
-def write_targets(out_dir: Path, n_scenes: int, min_visib: float = MIN_VISIB_TARGET) -> tuple[
-        list[dict[str, int]], int, list[float]]:
+def write_targets(
+    out_dir: Path, n_scenes: int, min_visib: float = MIN_VISIB_TARGET
+) -> tuple[list[dict[str, int]], int, list[float]]:
     """``test_targets_bop19.json`` (instances with visib_fract >= min_visib); returns (targets, instances, visibs)."""
     targets: list[dict[str, int]] = []
     visib: list[float] = []
@@ -998,7 +1098,8 @@ def write_targets(out_dir: Path, n_scenes: int, min_visib: float = MIN_VISIB_TAR
                 visib.append(float(inf["visib_fract"]))
                 if inf["visib_fract"] >= min_visib:
                     counts[int(g["obj_id"])] = counts.get(int(g["obj_id"]), 0) + 1
-            targets += [{"im_id": int(im), "inst_count": c, "obj_id": o, "scene_id": s}
-                        for o, c in sorted(counts.items())]
+            targets += [
+                {"im_id": int(im), "inst_count": c, "obj_id": o, "scene_id": s} for o, c in sorted(counts.items())
+            ]
     atomic_write_json(out_dir / "test_targets_bop19.json", targets)
     return targets, len(visib), visib

@@ -491,3 +491,71 @@ def make_render_depth(renderer: Any, keys: Mapping[int, str]) -> RenderDepthFn:
 def format_recall(v: float | None) -> str:
     """'0.123' or 'n/a'."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Correct / wrong per estimate, and published-pose precision at a score threshold
+# --------------------------------------------------------------------------------------------------
+
+CORRECT_MSSD_FRAC = 0.1
+"""A pose is *correct* when its MSSD error (symmetry-aware) is below this fraction of the object diameter."""
+
+
+def label_estimates(
+    frame: EvalFrame,
+    obj_id: int,
+    Ts: Sequence[np.ndarray],
+    scores: Sequence[float],
+    obj: EvalObject,
+    frac: float = CORRECT_MSSD_FRAC,
+) -> list[tuple[float | None, bool]]:
+    """Per estimate of ``obj_id`` in ``frame``: (MSSD / diameter to the closest GT instance of the object,
+    None when none is within a diameter; correct). Estimates take GT instances one-to-one, greedily by
+    decreasing score (:func:`match_greedy`), so a duplicate of a correct pose is wrong."""
+    gt_idx = [g for g, gt in enumerate(frame.gts) if gt.obj_id == obj_id]
+    errs = np.full((len(Ts), len(gt_idx)), np.inf)
+    for e, T in enumerate(Ts):
+        for j, g in enumerate(gt_idx):
+            Tg = frame.gts[g].T_cam_obj
+            if np.linalg.norm(T[:3, 3] - Tg[:3, 3]) < obj.diameter:
+                errs[e, j] = mssd(T, Tg, obj.pts, obj.sym_Ts) / obj.diameter
+    ok = {e for e, _ in match_greedy(list(scores), errs, frac)} if gt_idx and len(Ts) else set()
+    out: list[tuple[float | None, bool]] = []
+    for e in range(len(Ts)):
+        best = float(errs[e].min()) if gt_idx else math.inf
+        out.append((best if math.isfinite(best) else None, e in ok))
+    return out
+
+
+def published_stats(records: Sequence[Mapping[str, Any]], n_targets: int, threshold: float) -> dict[str, Any]:
+    """Precision / recall of the poses a node would publish (``score >= threshold``).
+
+    ``records``: one mapping per estimate with ``score`` (None = no estimate), ``correct`` and ``absent``
+    (the object is not in the image), plus the (scene_id, im_id, obj_id) of the query. Precision counts
+    poses of present targets; ``precision_with_absent`` also counts every published pose of an absent
+    object as wrong; ``absent_no_pose_rate`` = share of absent-object queries without a published pose.
+    """
+    pres = [r for r in records if not r["absent"] and r["score"] is not None]
+    pub = [r for r in pres if r["score"] >= threshold]
+    n_ok = int(sum(bool(r["correct"]) for r in pub))
+    absent_q: dict[tuple[int, int, int], bool] = {}
+    for r in records:
+        if r["absent"]:
+            k = (int(r["scene_id"]), int(r["im_id"]), int(r["obj_id"]))
+            absent_q[k] = absent_q.get(k, False) or (r["score"] is not None and r["score"] >= threshold)
+    n_abs_pub = int(sum(absent_q.values()))
+    n_pub = len(pub)
+    return {
+        "threshold": float(threshold),
+        "n_targets": int(n_targets),
+        "n_estimates": len(pres),
+        "n_published": n_pub,
+        "n_correct": n_ok,
+        "n_correct_all_estimates": int(sum(bool(r["correct"]) for r in pres)),
+        "precision": n_ok / n_pub if n_pub else None,
+        "recall": n_ok / n_targets if n_targets else None,
+        "absent_queries": len(absent_q),
+        "absent_published": n_abs_pub,
+        "absent_no_pose_rate": 1.0 - n_abs_pub / len(absent_q) if absent_q else None,
+        "precision_with_absent": n_ok / (n_pub + n_abs_pub) if n_pub + n_abs_pub else None,
+    }

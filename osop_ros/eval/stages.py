@@ -38,6 +38,7 @@ class StageEvalOptions:
     cache_dir: Path | None = None
     template_config: Any | None = None  # TemplateConfig; None = the default 2880-view bank
     seg_input_width: int = 320  # stage 1 runs at this image width (the pipeline's ``seg_input_width``)
+    inplane: str = "query"  # stage 2 in-plane search: query | templates (see TemplateMatcher)
     absent_area_frac: float = 0.002  # an absent object's mask larger than this fraction = false positive
 
 
@@ -85,7 +86,7 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         renderer.add_object(keys[oid], model)
     frame = OracleFrame(renderer, keys)
     seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width)
-    matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1)
+    matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1, inplane=opts.inplane)
     oracle_match = OracleMatcher(frame, top_k=1)
     corr = DenseCorrespondence(nets.corrnet, nets.device, mask_threshold=0.0)
     res: dict[str, list] = {

@@ -45,7 +45,7 @@ class FeatSegNetConfig(DictConfig):
     n_attention: int = 3
     topk: int = 8
     colour_prior: bool = True
-    template_size: int = 128  # template crops are resized to this before the backbone
+    template_size: int = 64  # template crops are resized to this before the backbone (64 = the bank crops)
     cosine_levels: tuple[int, ...] = (2, 3)  # cosine head: levels averaged (0-based: stride 16 and 32)
     cosine_tau: float = 0.25  # cosine head: similarity mapped to probability 0.5 (LM-O: GT median 0.22)
     cosine_scale: float = 20.0

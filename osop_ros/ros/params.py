@@ -150,10 +150,20 @@ _CORE_DESCRIPTIONS = {
     "pipeline.score_threshold": "poses scoring below this are not published (live)",
     "pipeline.modality": "auto | rgb | rgbd",
     "pipeline.max_instances": "instances per object and frame",
-    "weights.segment": "segmentation checkpoint; empty = shipped weights",
-    "weights.match": "template matching checkpoint; empty = shipped weights",
+    "weights.segment": "segmentation checkpoint; empty = shipped weights; cosine:<backbone> = training-free",
+    "weights.match": "template matching checkpoint; empty = shipped weights; descriptor:<backbone> = training-free",
     "weights.correspond": "correspondence checkpoint; empty = shipped weights",
     "templates.cache_dir": "template bank cache; empty = $OSOP_CACHE_DIR or ~/.cache/osop/templates",
+    "pipeline.verify": "render-and-compare verification of every pose hypothesis; score = calibrated P(correct)",
+    "pipeline.verify_refine_top_n": "ICP (RGB-D) of this many best-verified hypotheses, then re-verification",
+    "pipeline.verify_candidates": "stage-1 instance candidates verified per object (the best max_instances kept)",
+    "pipeline.calibration": "score calibration YAML/JSON; empty = config/score_calibration.yaml, 'none' = raw score",
+    "pipeline.depth_seg": "RGB-D: clean stage-1 masks with depth (support plane, depth edges, 3D cluster)",
+}
+_CORE_RANGES = {
+    "pipeline.score_threshold": (0.0, 1.0),
+    "pipeline.verify_refine_top_n": (0, 16),
+    "pipeline.verify_candidates": (1, 16),
 }
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
@@ -168,7 +178,7 @@ def core_param_specs() -> list[ParamSpec]:
             if f.default is dataclasses.MISSING:  # only scalar options can be ROS parameters
                 continue
             name = f"{section}.{f.name}"
-            rng = (0.0, 1.0) if name == "pipeline.score_threshold" else None
+            rng = _CORE_RANGES.get(name)
             desc = _CORE_DESCRIPTIONS.get(name, f"core config {name} (see osop_ros/core/config.py)")
             specs.append(ParamSpec(name, f.default, desc, read_only=name not in LIVE_PARAMS, range=rng,
                                    choices=_CORE_CHOICES.get(name, ())))

@@ -8,6 +8,7 @@ Validation: mean IoU of the queried object's mask on held-out objects (at 320 x 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class SegmentTask:
         self.val = load_shards(val_dir, "images")
         self.tobj = load_objects(train_dir)
         self.vobj = load_objects(val_dir)
+        self._obj_dirs = {id(self.tobj): Path(train_dir), id(self.vobj): Path(val_dir)}
         self.t_index = {int(o): i for i, o in enumerate(self.tobj["obj_id"])}
         self.v_index = {int(o): i for i, o in enumerate(self.vobj["obj_id"])}
         self.t_present = [[o for o in p if o in self.t_index] for p in _present(self.train["objmap"], 80)]
@@ -69,6 +71,10 @@ class SegmentTask:
         The projections are linear, so ``project_vectors`` of these equals ``template_vectors`` of the crops.
         """
         key = f"raw_{net.cfg.backbone}_{net.cfg.template_size}"
+        cache = self._obj_dirs[id(objs)] / f"{key}.npz" if id(objs) in self._obj_dirs else None
+        if key not in objs and cache is not None and cache.is_file():
+            with np.load(cache) as z:
+                objs[key] = [z[f"l{i}"] for i in range(len(z.files))]
         if key not in objs:
             n, v = objs["rgb"].shape[:2]
             flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
@@ -82,6 +88,10 @@ class SegmentTask:
                         out.append([])
                     out[i].append(vec.cpu().numpy().astype(np.float16))
             objs[key] = [np.concatenate(o).reshape(n, v, -1) for o in out]
+            if cache is not None:  # atomic: restarts and resumed runs skip the ~10 min extraction
+                tmp = cache.with_suffix(".tmp.npz")
+                np.savez(tmp, **{f"l{i}": a for i, a in enumerate(objs[key])})
+                os.replace(tmp, cache)
         return objs[key]
 
     def _tvecs(

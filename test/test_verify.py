@@ -1,0 +1,324 @@
+"""Render-and-compare verification, hypothesis selection, the calibrated score and their pipeline wiring
+(real renderer and ICP, stub stages 1-3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from osop_ros.core.geometry import make_T, mask_to_box, rotation_about_axis, rotation_angle_deg
+from osop_ros.core.pipeline import Pipeline
+from osop_ros.core.stages import OnboardedObject
+from osop_ros.core.types import (
+    CameraIntrinsics,
+    Correspondences,
+    InvalidInputError,
+    MatchResult,
+    Observation,
+    PoseHypothesis,
+    SegmentationResult,
+)
+from osop_ros.core.verify import (
+    FEATURE_NAMES,
+    PlattModel,
+    ScoreCalibration,
+    Verifier,
+    edge_agreement,
+    select_hypothesis,
+)
+
+pytestmark = pytest.mark.gl
+CAM = CameraIntrinsics(500.0, 500.0, 159.5, 119.5, 320, 240)
+
+
+def _rot(T: np.ndarray, axis, deg: float) -> np.ndarray:
+    return make_T(rotation_about_axis(np.asarray(axis, float), np.radians(deg)) @ T[:3, :3], T[:3, 3])
+
+
+def _shift(T: np.ndarray, d) -> np.ndarray:
+    return make_T(T[:3, :3], T[:3, 3] + np.asarray(d, float))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """The example object at 0.5 m on a textured background 0.3 m behind it; an occluding slab covering
+    the left part of the object 0.1 m in front of it in a second depth image."""
+    from osop_ros.core.mesh import ObjectModel
+    from osop_ros.core.render import Renderer
+    from osop_ros.data.example import EXAMPLE_PATH
+
+    model = ObjectModel.load(EXAMPLE_PATH, units="m", name="example")
+    T = make_T(rotation_about_axis(np.array([1.0, 0.5, 0.2]), 0.8), np.array([0.01, -0.02, 0.5]))
+    with Renderer() as r:
+        r.add_object("m", model)
+        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
+    rng = np.random.default_rng(0)
+    bg = np.repeat(np.repeat(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), 8, 0), 8, 1)
+    rgb = np.where(out.mask[..., None], out.rgb, bg)
+    depth = np.where(out.mask, out.depth, 0.8).astype(np.float32)
+    box = mask_to_box(out.mask)
+    occl = depth.copy()
+    x_cut = (box[0] + box[2]) // 2
+    occl[:, : x_cut] = np.minimum(occl[:, : x_cut], 0.4)  # slab in front of the left half
+    seg_full = SegmentationResult(out.mask, out.mask.astype(np.float32), box, 0.9)
+    vis = out.mask.copy()
+    vis[:, : x_cut] = False
+    seg_vis = SegmentationResult(vis, vis.astype(np.float32), mask_to_box(vis), 0.9)
+    obj = OnboardedObject("example", model, bank=None, sym_Ts=[np.eye(4)])  # type: ignore[arg-type]
+    return dict(model=model, T=T, rgb=rgb, depth=depth, occl=occl, seg=seg_full, seg_vis=seg_vis, obj=obj)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    v = Verifier()
+    yield v
+    v.release()
+
+
+def test_verify_ranks_true_pose_first_rgbd_and_rgb(scene, verifier) -> None:
+    T, obj = scene["T"], scene["obj"]
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    good = verifier.verify(obs, scene["seg"], obj, T)
+    f = good.features
+    assert set(f) == set(FEATURE_NAMES)
+    assert f["iou"] > 0.9 and f["depth_inlier"] > 0.9 and f["occluded"] < 0.05 and f["depth_valid"] > 0.95
+    assert f["edge"] > 0.3 and good.raw > 0.6
+    wrong = {
+        "rot 45": _rot(T, [0, 1, 0], 45), "flip": _rot(T, [1, 0, 0], 180), "x +1.5 cm": _shift(T, [0.015, 0, 0]),
+        "z -3 cm (in free space)": _shift(T, [0, 0, -0.03]), "z +3 cm (behind the surface)": _shift(T, [0, 0, 0.03]),
+    }
+    for name, Tw in wrong.items():
+        v = verifier.verify(obs, scene["seg"], obj, Tw)
+        assert v.raw < good.raw - 0.2, name
+    assert verifier.verify(obs, scene["seg"], obj, wrong["z -3 cm (in free space)"]).features["depth_behind"] > 0.8
+    assert verifier.verify(obs, scene["seg"], obj, wrong["z +3 cm (behind the surface)"]).features["occluded"] > 0.8
+    # RGB only: no depth terms, the ranking holds with silhouette + edges
+    rgb_obs = Observation(scene["rgb"], CAM, None)
+    g = verifier.verify(rgb_obs, scene["seg"], obj, T)
+    assert math.isnan(g.features["depth_inlier"]) and math.isnan(g.features["occluded"])
+    for name in ("rot 45", "flip", "x +1.5 cm"):
+        assert verifier.verify(rgb_obs, scene["seg"], obj, wrong[name]).raw < g.raw - 0.15, name
+    # a pose behind the camera or out of view scores 0
+    assert verifier.verify(obs, scene["seg"], obj, _shift(T, [0, 0, -1.0])).raw == 0.0
+    assert verifier.verify(obs, scene["seg"], obj, _shift(T, [5.0, 0, 0])).raw == 0.0
+
+
+def test_occlusion_is_not_an_error(scene, verifier) -> None:
+    """Observed depth in front of the model (the slab) is excluded; the true pose still verifies."""
+    T, obj = scene["T"], scene["obj"]
+    obs = Observation(scene["rgb"], CAM, scene["occl"])
+    v = verifier.verify(obs, scene["seg_vis"], obj, T)
+    f = v.features
+    assert 0.2 < f["occluded"] < 0.8
+    assert f["depth_inlier"] > 0.9 and f["iou"] > 0.8  # silhouette compared with the visible part only
+    assert v.raw > 0.5
+    # the same pose 4 cm further away: hidden behind the surface, mostly "occluded" -> penalised
+    far = verifier.verify(obs, scene["seg_vis"], obj, _shift(T, [0, 0, 0.04]))
+    assert far.features["occluded"] > 0.9 and far.raw < 0.25
+
+
+def test_edge_agreement_counts_orientation() -> None:
+    r = np.zeros((40, 40), bool)
+    r[20, 5:35] = True  # a horizontal edge ...
+    theta_r = np.full((40, 40), np.pi / 2)  # ... has a vertical gradient
+    o = np.zeros((40, 40), bool)
+    o[21, :] = True
+    hit, chance = edge_agreement(r, theta_r, o, np.full((40, 40), -np.pi / 2), 1.5, 30.0)
+    assert hit == 1.0 and 0.0 < chance < 0.1  # opposite contrast, same orientation
+    hit, _ = edge_agreement(r, theta_r, o, np.zeros((40, 40)), 1.5, 30.0)
+    assert hit == 0.0  # perpendicular observed edges do not support it
+    hit, _ = edge_agreement(r, theta_r, np.roll(o, 6, axis=0), np.full((40, 40), np.pi / 2), 1.5, 30.0)
+    assert hit == 0.0  # too far
+
+
+def test_select_verifies_all_refines_best(scene, verifier) -> None:
+    T, obj = scene["T"], scene["obj"]
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    close = _shift(_rot(T, [0, 0, 1], 3), [0.003, -0.002, 0.004])
+    hyps = [PoseHypothesis(_rot(T, [0, 1, 0], 60), 0.9, 50, {"id": "bad"}),
+            PoseHypothesis(close, 0.2, 50, {"id": "close"}),
+            PoseHypothesis(_shift(T, [0.03, 0, 0]), 0.5, 50, {"id": "off"})]
+    refined = []
+
+    def refine(h: PoseHypothesis) -> PoseHypothesis:
+        refined.append(h.info["id"])
+        return PoseHypothesis(T.copy(), h.score, h.inliers, {**h.info, "icp": True})
+
+    sel = select_hypothesis(verifier, obs, scene["seg"], obj, hyps, refine, refine_top_n=1)
+    assert refined == ["close"]  # ranked first by verification although the solver score was lowest
+    assert sel.refined and sel.hypothesis.info["icp"] and np.allclose(sel.hypothesis.T_cam_obj, T)
+    assert len(sel.candidates) == 3 and sel.candidates == sorted(sel.candidates, reverse=True)
+
+    def bad_refine(h: PoseHypothesis) -> PoseHypothesis:  # "ICP" that makes it worse is not taken
+        return PoseHypothesis(_rot(T, [0, 1, 0], 90), h.score, h.inliers, dict(h.info))
+
+    sel = select_hypothesis(verifier, obs, scene["seg"], obj, hyps, bad_refine, refine_top_n=2)
+    assert not sel.refined and sel.hypothesis.info["id"] == "close"
+
+
+def test_select_tries_flips_of_the_best(scene, verifier) -> None:
+    from osop_ros.core.verify import model_flips
+
+    T, obj = scene["T"], scene["obj"]
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    flips = model_flips(obj)
+    assert len(flips) == 3
+    for F in flips:  # rotations by pi about axes through the model centre
+        assert np.allclose(F @ F, np.eye(4), atol=1e-9)
+        assert rotation_angle_deg(F[:3, :3], np.eye(3)) == pytest.approx(180)
+        assert np.allclose(F[:3, :3] @ obj.model.center + F[:3, 3], obj.model.center)
+    flipped = PoseHypothesis(T @ flips[1], 0.9, 50, {})
+    assert select_hypothesis(verifier, obs, scene["seg"], obj, [flipped]).hypothesis is flipped  # no flips tried
+    sel = select_hypothesis(verifier, obs, scene["seg"], obj, [flipped], flips=flips)
+    assert sel.hypothesis.info["flip_axis"] == 1 and np.allclose(sel.hypothesis.T_cam_obj, T, atol=1e-9)
+    assert len(sel.candidates) == 4
+
+
+def _calibration() -> ScoreCalibration:
+    return ScoreCalibration({
+        "rgbd": PlattModel(["raw", "depth_inlier"], [0.5, 0.5], [0.2, 0.2], [2.0, 1.0], -1.0),
+        "rgb": PlattModel(["raw"], [0.5], [0.2], [1.5], -2.0),
+    }, {"criterion": "test"})
+
+
+def test_calibration_probability_and_files(tmp_path) -> None:
+    cal = _calibration()
+    p = cal.probability({"raw": 0.7, "depth_inlier": float("nan")}, "rgbd")  # NaN -> the mean (no effect)
+    assert p == pytest.approx(1.0 / (1.0 + math.exp(-(-1.0 + 2.0 * (0.7 - 0.5) / 0.2))))
+    assert cal.probability({"raw": 0.7}, "rgb") == pytest.approx(1.0 / (1.0 + math.exp(-(-2.0 + 1.5))))
+    assert ScoreCalibration({"rgb": cal.models["rgb"]}).probability({"raw": 0.7}, "rgbd") is None
+    for name in ("c.yaml", "c.json"):
+        path = cal.save(tmp_path / name)
+        back = ScoreCalibration.load(path)
+        assert back.meta["criterion"] == "test"
+        assert back.probability({"raw": 0.3, "depth_inlier": 0.9}, "rgbd") == pytest.approx(
+            cal.probability({"raw": 0.3, "depth_inlier": 0.9}, "rgbd"))
+    (tmp_path / "bad.yaml").write_text("models: {rgbd: {features: [raw, nonsense], mean: [0, 0], scale: [1, 1], "
+                                       "coef: [1, 1], intercept: 0}}\n")
+    with pytest.raises(InvalidInputError, match="nonsense"):
+        ScoreCalibration.load(tmp_path / "bad.yaml")
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        ScoreCalibration.load(tmp_path / "missing.yaml")
+
+
+def test_shipped_calibration_is_well_formed() -> None:
+    from osop_ros.core.pipeline import default_calibration_path
+
+    path = default_calibration_path()
+    if not path.is_file():
+        pytest.skip("no shipped score calibration yet")
+    cal = ScoreCalibration.load(path)
+    assert set(cal.models) == {"rgbd", "rgb"}
+    assert "MSSD" in cal.meta["criterion"]
+    for mod, fit in cal.meta["fitted_on"].items():
+        assert "synth_val" in str(fit["dataset"]), f"{mod} calibration must be fitted on the synthetic val data"
+        assert fit["n"] > fit["n_pos"] and (fit["n_pos"] > 0 or "constant" in fit["note"])
+    good = {"raw": 0.8, "iou": 0.9, "mask_recall": 0.9, "mask_precision": 0.9, "edge": 0.6, "depth_inlier": 0.95,
+            "depth_behind": 0.05, "occluded": 0.05, "depth_valid": 0.98, "seg_score": 0.8, "match_score": 0.8}
+    bad = {**good, "raw": 0.1, "iou": 0.2, "edge": 0.02, "depth_inlier": 0.2, "depth_behind": 0.8}
+    assert cal.probability(good, "rgbd") > 0.5 > 0.05 > cal.probability(bad, "rgbd")
+    if cal.models["rgb"].features:
+        assert cal.probability(good, "rgb") > cal.probability(bad, "rgb")
+    else:  # no correct RGB-only pose in the fitting data: a constant, low probability
+        assert cal.probability(good, "rgb") == cal.probability(bad, "rgb") < 0.05
+
+
+class StubStages:
+    """Stages 1-3 from the rendered scene; a solver with ``propose`` (wrong, near-right) and ``refine``."""
+
+    def __init__(self, scene) -> None:
+        self.s = scene
+        self.refined = 0
+
+    def segment(self, obs, obj):
+        return [self.s["seg"]]
+
+    def match(self, obs, seg, obj):
+        return MatchResult(np.array([0, 1]), np.array([0.8, 0.6], np.float32), np.zeros(2, np.float32))
+
+    def correspond(self, obs, seg, match, obj):
+        return [Correspondences(np.zeros((0, 2)), np.zeros((0, 3)), np.zeros(0, np.float32))] * 2
+
+    def __call__(self, obs, seg, corrs, obj):  # the plain stage protocol: one (wrong) ranked list
+        return self.propose(obs, seg, corrs, obj)
+
+    def propose(self, obs, seg, corrs, obj):
+        T = self.s["T"]
+        return [PoseHypothesis(_rot(T, [0, 1, 0], 50), 0.9, 10, {"corr_set": 0}),
+                PoseHypothesis(_shift(T, [0.002, 0.0, 0.003]), 0.3, 10, {"corr_set": 1})]
+
+    def refine(self, obs, seg, h, obj):
+        self.refined += 1
+        return None if obs.depth is None else PoseHypothesis(self.s["T"].copy(), h.score, h.inliers, dict(h.info))
+
+    def uses_depth(self, obs):
+        return obs.depth is not None
+
+
+def test_pipeline_publishes_verified_calibrated_pose(scene, tmp_path) -> None:
+    from osop_ros.core.config import load_config
+
+    st = StubStages(scene)
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    plain = Pipeline([scene["obj"]], st.segment, st.match, st.correspond, st)
+    assert plain.verifier is None
+    e0 = plain(obs)[0]
+    assert rotation_angle_deg(e0.R, scene["T"][:3, :3]) > 40  # without verification the solver's first wins
+    pipe = Pipeline([scene["obj"]], st.segment, st.match, st.correspond, st, verifier=Verifier(),
+                    calibration=_calibration(), refine_top_n=1)
+    try:
+        e = pipe(obs)[0]
+        assert np.allclose(e.T_cam_obj, scene["T"]) and st.refined == 1 and e.diagnostics["verify_refined"]
+        d = e.diagnostics
+        assert d["score_calibrated"] and d["verify_modality"] == "rgbd"
+        assert d["verify"]["match_score"] == pytest.approx(0.6) and d["verify"]["seg_score"] == pytest.approx(0.9)
+        assert e.score == pytest.approx(_calibration().probability(d["verify"], "rgbd"))
+        assert {"segment", "match", "correspond", "solve", "verify", "refine", "total"} <= set(e.timings)
+        e_rgb = pipe(Observation(scene["rgb"], CAM, None))[0]
+        assert e_rgb.diagnostics["verify_modality"] == "rgb" and not e_rgb.diagnostics["verify_refined"]
+        assert rotation_angle_deg(e_rgb.R, scene["T"][:3, :3]) < 2
+        # uncalibrated: the raw verification score is published and flagged
+        pipe.calibration = None
+        e2 = pipe(obs)[0]
+        assert not e2.diagnostics["score_calibrated"] and e2.score == pytest.approx(e2.diagnostics["score_raw"])
+    finally:
+        pipe.verifier.release()
+    # configuration wiring: assigning a config applies the pipeline's verification keys
+    pipe.config = load_config({"pipeline": {"verify": False}})
+    assert pipe.verifier is None and pipe.calibration is None
+    cal_file = _calibration().save(tmp_path / "cal.yaml")
+    pipe.config = load_config({"pipeline": {"verify": True, "calibration": str(cal_file), "verify_refine_top_n": 3}})
+    assert isinstance(pipe.verifier, Verifier) and pipe.refine_top_n == 3
+    assert pipe.calibration is not None and set(pipe.calibration.models) == {"rgbd", "rgb"}
+    pipe.verifier.release()
+    pipe.config = load_config({"pipeline": {"calibration": "none"}})
+    assert pipe.verifier is not None and pipe.calibration is None
+    pipe.verifier.release()
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        pipe.config = load_config({"pipeline": {"calibration": str(tmp_path / "missing.yaml")}})
+    with pytest.raises(InvalidInputError, match="verify_candidates"):
+        load_config({"pipeline": {"verify_candidates": 0}})
+
+
+def test_solver_propose_then_refine_matches_call(scene) -> None:
+    """``propose`` + ``refine`` (the verification path) give the poses ``__call__`` gives."""
+    from osop_ros.core.geometry import project_points
+    from osop_ros.core.solver import PoseSolver, SolverConfig
+
+    T, model, obj = scene["T"], scene["model"], scene["obj"]
+    pts, _ = model.sample_surface(400, seed=3)
+    T_noisy = _shift(_rot(T, [0, 1, 0], 2), [0.002, 0, 0])
+    uv = project_points(CAM.K, T_noisy, pts)
+    corrs = [Correspondences(uv, pts, np.ones(len(pts), np.float32))]
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    solver = PoseSolver(SolverConfig(icp_top_n=1))
+    full = solver(obs, scene["seg"], corrs, obj)
+    props = solver.propose(obs, scene["seg"], corrs, obj)
+    assert all("icp_fitness" not in h.info for h in props)
+    ref = solver.refine(obs, scene["seg"], props[0], obj)
+    assert ref is not None and ref.info["icp_accepted"]
+    assert np.allclose(ref.T_cam_obj, full[0].T_cam_obj, atol=1e-9)
+    assert rotation_angle_deg(ref.T_cam_obj[:3, :3], T[:3, :3]) < 1.0
+    assert solver.refine(Observation(scene["rgb"], CAM, None), scene["seg"], props[0], obj) is None
