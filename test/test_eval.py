@@ -132,7 +132,7 @@ def _config(**pipeline):
     """Core config of the tests: CPU, default pipeline section (verification on) + ``pipeline`` overrides."""
     from osop_ros.core.config import load_config
 
-    return load_config({"device": "cpu", "pipeline": pipeline})
+    return load_config({"device": "cpu", "pipeline": {"score_threshold": 0.3, **pipeline}})
 
 
 def _options(synth: Path, tmp_path: Path, **kw):
@@ -404,7 +404,7 @@ def test_eval_summary_absent_queries_and_jobs(synth: Path, tmp_path: Path, rende
     from osop_ros.core.types import InvalidInputError
     from osop_ros.eval.runner import run_eval
 
-    kw = dict(modality="auto", objects=[1, 2, 3], absent=1, pr_plot=tmp_path / "pr.png")
+    kw = dict(modality="auto", objects=[1, 2, 3], absent=1, pr_plot=tmp_path / "pr.png", hard_negatives=True)
     run = run_eval(_options(synth, tmp_path / "a", **kw), renderer=renderer, print_fn=None)
     s = run.summary
     assert s["AR"] == pytest.approx(s["metrics"]["ar_bop"]) and s["AR"] is not None
@@ -418,7 +418,11 @@ def test_eval_summary_absent_queries_and_jobs(synth: Path, tmp_path: Path, rende
     assert 0 <= pub["absent_published"] <= 2 and pub["n_published"] >= pub["n_correct"] >= 1
     lines = [json.loads(x) for x in Path(s["features_jsonl"]).read_text().splitlines()]
     assert len(lines) == len(run.records) and sum(r["absent"] for r in lines) >= 2
-    present = [r for r in lines if not r["absent"]]
+    flips = [r for r in lines if r.get("fit_only")]
+    assert len(flips) == 3 * 4 and all(r["score"] is None and r["features"]["raw"] is not None for r in flips)
+    assert all(r["correct"] == (r["mssd_rel"] is not None and r["mssd_rel"] < 0.1) for r in flips)
+    assert not all(r["correct"] for r in flips)  # flips of the asymmetric L-shape are wrong poses
+    present = [r for r in lines if not r["absent"] and not r.get("fit_only")]
     assert {r["modality"] for r in present} == {"rgbd", "rgb"}  # auto: depth only for image 0
     assert all(r["features"]["iou"] is not None and "raw" in r["features"] for r in present)
     assert all(r["correct"] == (r["mssd_rel"] is not None and r["mssd_rel"] < 0.1) for r in present)

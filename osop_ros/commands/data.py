@@ -48,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--textures", type=Path, default=None,
                    help=f"photo directory for textures (default: {DEFAULT_BACKGROUNDS} when present)")
     m.add_argument("--no-symmetry", action="store_true", help="skip symmetry detection")
+    m.add_argument("--procedural", type=int, default=0, metavar="N",
+                   help="add N procedural everyday objects (boxes, tins, bottles, vessels, tools, ...) with printed "
+                   "label textures after the discovered meshes (default 0)")
+    m.add_argument("--no-pybullet", action="store_true",
+                   help="no mesh source: a purely procedural library (needs --procedural N)")
     m.set_defaults(func=_meshes_handler)
 
     s = sub.add_parser(
@@ -69,19 +74,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--objects-per-scene", type=_range, default=(3, 8), metavar="LO-HI",
                    help="annotated objects per image (default 3-8), plus 0-3 distractors")
+    s.add_argument("--layout", choices=("floating", "tabletop"), default="floating",
+                   help="floating: objects in front of a photo (default); tabletop: objects resting on a textured "
+                   "table with walls, cast shadows, light colour, vignetting and depth sensor noise")
     s.set_defaults(func=_synth_handler)
 
 
 def _meshes_handler(args: argparse.Namespace) -> int:
+    from osop_ros.core.types import InvalidInputError
     from osop_ros.data.meshes import MeshLibraryBuilder, MeshLibraryConfig, list_images, pybullet_data_root
 
-    source = args.source if args.source is not None else pybullet_data_root()
+    if args.no_pybullet and args.source is not None:
+        raise InvalidInputError("--no-pybullet and --source exclude each other")
+    if args.no_pybullet and args.procedural <= 0:
+        raise InvalidInputError("--no-pybullet needs --procedural N with N > 0")
+    source = None if args.no_pybullet else args.source if args.source is not None else pybullet_data_root()
     textures = list_images(args.textures if args.textures is not None else _default_backgrounds())
     cfg = MeshLibraryConfig(detect_symmetry=not args.no_symmetry)
     package = "pybullet_data" if args.source is None else str(args.source)
     t0 = time.perf_counter()
     manifest = MeshLibraryBuilder(cfg, texture_images=textures, source_package=package)(
-        source, args.out, max_objects=args.max, val_fraction=args.val_fraction, seed=args.seed
+        source, args.out, max_objects=args.max, val_fraction=args.val_fraction, seed=args.seed,
+        procedural=args.procedural,
     )
     c = manifest["counts"]
     reasons: dict[str, int] = {}
@@ -92,6 +106,10 @@ def _meshes_handler(args: argparse.Namespace) -> int:
     print(f"objects: {c['objects']} (train {c['train']}, val {c['val']}), symmetric {c['symmetric']}, "
           f"colours {json.dumps(c['colour_modes'])}")
     print(f"skipped: {c['skipped']} " + json.dumps(reasons))
+    if c.get("procedural"):
+        print(f"procedural: {c['procedural']} {json.dumps(c['procedural_kinds'])}, "
+              f"{c['procedural_objects_per_s']:.2f} objects/s")
+    print(f"throughput: {c['objects_per_s']:.2f} objects/s")
     print(f"blocklist check: {'passed' if manifest['blocklist_check']['passed'] else 'FAILED'}")
     return 0
 
@@ -101,7 +119,7 @@ def _synth_handler(args: argparse.Namespace) -> int:
     from osop_ros.data.synth import SynthConfig, make_generator
 
     cfg = SynthConfig(width=args.width, height=args.height, images_per_scene=args.images_per_scene,
-                      objects_per_image=args.objects_per_scene)
+                      objects_per_image=args.objects_per_scene, layout=args.layout)
     bgs = args.backgrounds if args.backgrounds is not None else _default_backgrounds()
     with Renderer() as renderer:
         gen = make_generator(args.meshes, renderer, cfg, bgs)

@@ -132,6 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-calibration", type=Path, default=None, metavar="FILE",
                    help="fit the score calibration (P(MSSD < 0.1 d)) on this run's estimates and write FILE "
                    "(YAML/JSON; models of other modalities in FILE are kept)")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="with --fit-calibration: also fit on the 180-degree flips of every estimate (labelled by "
+                   "their MSSD), poses that fit depth and silhouette but are wrong")
     p.add_argument("--pr-plot", type=Path, default=None, metavar="PNG",
                    help="plot precision/recall of published poses versus the score threshold")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -229,6 +232,7 @@ def handler(args: argparse.Namespace) -> int:
         vsd=not args.no_vsd,
         progress=not args.no_progress,
         fit_calibration=args.fit_calibration,
+        hard_negatives=args.hard_negatives,
         pr_plot=args.pr_plot,
     )
     run_eval(opts)

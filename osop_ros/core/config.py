@@ -121,7 +121,7 @@ class PipelineConfig:
     """
 
     modality: str = "auto"  # auto | rgb | rgbd
-    score_threshold: float = 0.3
+    score_threshold: float = 0.9  # on the calibrated P(pose correct), see docs/results.md
     max_instances: int = 1
     top_k_templates: int = 3
     icp: bool = True

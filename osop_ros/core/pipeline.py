@@ -241,12 +241,20 @@ class Pipeline:
         uses_depth = getattr(self.solver, "uses_depth", None)
         depth_used = obs.depth is not None and (uses_depth is None or uses_depth(obs))
         vobs = obs if depth_used else Observation(obs.rgb, obs.camera, None)
-        flips = model_flips(obj) if self.verifier.config.flip_top_n > 0 else []
+        vc = self.verifier.config
+        flips = model_flips(obj) if (vc.flip_top_n > 0 or vc.report_flips) else []
         sel = select_hypothesis(self.verifier, vobs, seg, obj, hyps, do_refine if solver_refine else None,
-                                self.refine_top_n, extra, flips=flips)
+                                self.refine_top_n, extra, flips=flips if vc.flip_top_n > 0 else ())
         assert sel is not None
         timings["refine"] = t_refine[0]
         timings["verify"] = time.perf_counter() - t - t_refine[0]
+        if vc.report_flips:  # hard negatives for calibration fitting (eval only)
+            T = sel.hypothesis.T_cam_obj
+            diag["verify_flips"] = [
+                {"T_cam_obj": (T @ F).tolist(),
+                 "features": self.verifier.verify(vobs, seg, obj, T @ F, depth_used, extra(sel.hypothesis)).features}
+                for F in flips
+            ]
         modality = "rgbd" if depth_used else "rgb"
         feats = sel.verification.features
         p = self.calibration.probability(feats, modality) if self.calibration is not None else None

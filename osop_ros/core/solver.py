@@ -286,7 +286,9 @@ def kabsch_ransac(
     for s in range(0, len(samples), 256):
         sm = samples[s : s + 256]
         R, t = _kabsch_batch(P[sm], Q[sm])
-        res2 = np.sum((np.einsum("bij,nj->bni", R, P) + t[:, None] - Q[None]) ** 2, axis=2)  # (B, m)
+        D = np.matmul(P[None], R.transpose(0, 2, 1))  # (B, m, 3) = R P per sample (BLAS, not einsum)
+        D += t[:, None] - Q[None]
+        res2 = np.einsum("bni,bni->bn", D, D)  # (B, m)
         cost = np.minimum(res2, th2).sum(axis=1)
         k = int(np.argmin(cost))
         if cost[k] < best_cost:

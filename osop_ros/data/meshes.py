@@ -27,6 +27,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import cv2
 import numpy as np
 
 from osop_ros.core.types import InvalidInputError, MeshLoadError, OsopError
+from osop_ros.data.procedural import LabelColorizer, ProceduralConfig, ProceduralShapeGenerator
 
 log = logging.getLogger(__name__)
 
@@ -632,6 +634,17 @@ class BuiltObject:
     colour_mode: str
     split: str
     symmetric: bool
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the manifest entry (procedural metadata)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest dict of this object (``extra`` keys merged in)."""
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+PROCEDURAL_PACKAGE = "osop_ros.procedural"
+PROCEDURAL_LICENCE = "generated (project code)"
 
 
 def pybullet_data_root() -> Path:
@@ -665,17 +678,25 @@ class MeshLibraryBuilder:
         self.source_package = source_package
         self.licence = licence
 
-    def __call__(self, source_root: str | Path, out_dir: str | Path, max_objects: int | None = None,
-                 val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-        """Process every usable mesh under ``source_root`` into ``out_dir``; returns the manifest dict."""
+    def __call__(self, source_root: str | Path | None, out_dir: str | Path, max_objects: int | None = None,
+                 val_fraction: float = 0.1, seed: int = 0, progress: bool = True, procedural: int = 0,
+                 procedural_config: ProceduralConfig | None = None) -> dict[str, Any]:
+        """Process every usable mesh under ``source_root`` (None: none) into ``out_dir``, then add ``procedural``
+        generated objects (ids after the discovered ones, own train/val draw); returns the manifest dict."""
         from tqdm import tqdm
 
         if not 0.0 <= val_fraction < 1.0:
             raise InvalidInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if procedural < 0:
+            raise InvalidInputError(f"procedural must be >= 0, got {procedural}")
         cfg = self.config
-        source_root = Path(source_root)
+        t_start = time.perf_counter()
         out_dir = Path(out_dir)
-        cands, skipped = discover_meshes(source_root)
+        if source_root is None:
+            cands, skipped = [], []
+        else:
+            source_root = Path(source_root)
+            cands, skipped = discover_meshes(source_root)
         log.info("%d candidate meshes, %d skipped by name", len(cands), len(skipped))
 
         # 1) load + signature; prefer higher resolution among duplicates
@@ -700,12 +721,11 @@ class MeshLibraryBuilder:
             sel = np.sort(rng.permutation(len(kept))[:max_objects])
             kept = [kept[i] for i in sel]
         n = len(kept)
-        if n == 0:
+        if n == 0 and source_root is not None and procedural == 0:
             raise InvalidInputError(f"no usable meshes under {source_root}")
-        n_val = int(round(val_fraction * n))
-        if val_fraction > 0 and n >= 2:
-            n_val = max(1, min(n - 1, n_val))
-        val_ids = set((np.random.default_rng([seed, 1]).permutation(n)[:n_val] + 1).tolist())
+        if n + procedural == 0:
+            raise InvalidInputError("no objects: give a mesh source or procedural > 0")
+        val_ids = set((_val_draw(n, val_fraction, [seed, 1]) + 1).tolist())
 
         # 2) process and write
         models_dir = out_dir / "models"
@@ -718,33 +738,58 @@ class MeshLibraryBuilder:
             bo, info = self._process(obj_id, c, mesh, orng, models_dir, "val" if obj_id in val_ids else "train")
             objects.append(bo)
             models_info[str(obj_id)] = info
+        t_proc = time.perf_counter()
+        if procedural:
+            gen = ProceduralShapeGenerator(procedural_config)
+            labels = LabelColorizer(self.colorizer.texture_images, p_photo=gen.config.p_label_photo,
+                                    height_px=gen.config.label_height_px)
+            pval = set(_val_draw(procedural, val_fraction, [seed, 2]).tolist())
+            for i in tqdm(range(procedural), desc="procedural", disable=not progress, mininterval=2.0):
+                obj_id = n + i + 1
+                bo, info = self._process_procedural(obj_id, i, gen, labels, np.random.default_rng([seed, 7, i]),
+                                                    models_dir, "val" if i in pval else "train")
+                objects.append(bo)
+                models_info[str(obj_id)] = info
+        t_end = time.perf_counter()
         for bo in objects:  # the manifest asserts that no BOP test object slipped through
-            reason = blocklist_reason(bo.source_path)
-            if reason:
-                raise OsopError(f"blocklist violated by {bo.source_path}: {reason}")
+            for text in (bo.source_path, str(bo.extra.get("procedural_kind", ""))):
+                reason = blocklist_reason(text)
+                if reason:
+                    raise OsopError(f"blocklist violated by {bo.source_path}: {reason}")
         atomic_write_json(models_dir / "models_info.json", models_info)
+        modes = ("photo", "uniform", "patches", "label") if procedural else ("photo", "uniform", "patches")
         counts = {
-            "objects": n,
+            "objects": n + procedural,
             "train": sum(o.split == "train" for o in objects),
             "val": sum(o.split == "val" for o in objects),
             "skipped": len(skipped),
-            "colour_modes": {m: sum(o.colour_mode == m for o in objects) for m in ("photo", "uniform", "patches")},
+            "colour_modes": {m: sum(o.colour_mode == m for o in objects) for m in modes},
             "symmetric": sum(o.symmetric for o in objects),
         }
+        if procedural:
+            counts["procedural"] = procedural
+            counts["procedural_kinds"] = {k: sum(o.extra.get("procedural_kind") == k for o in objects)
+                                          for k in sorted({str(o.extra.get("procedural_kind")) for o in objects[n:]})}
+            counts["procedural_objects_per_s"] = round(procedural / max(t_end - t_proc, 1e-9), 3)
+        counts["objects_per_s"] = round((n + procedural) / max(t_end - t_start, 1e-9), 3)
+        log.info("%d objects in %.1f s (%.2f objects/s)%s", n + procedural, t_end - t_start, counts["objects_per_s"],
+                 f", procedural {counts['procedural_objects_per_s']:.2f} objects/s" if procedural else "")
         manifest = {
             "format": "osop_ros mesh library v1 (BOP models, millimetres)",
-            "source_root": str(source_root),
-            "source_package": self.source_package,
+            "source_root": None if source_root is None else str(source_root),
+            "source_package": self.source_package if source_root is not None else PROCEDURAL_PACKAGE,
             "source_package_version": _package_version("pybullet") if self.source_package == "pybullet_data" else None,
             "licence": self.licence,
             "seed": seed,
             "val_fraction": val_fraction,
             "config": asdict(cfg),
+            **({"procedural_config": asdict(ProceduralConfig() if procedural_config is None else procedural_config)}
+               if procedural else {}),
             "blocklist": {"tokens": list(BLOCKLIST_TOKENS), "substrings": list(BLOCKLIST_SUBSTRINGS),
                           "datasets": ["LINEMOD", "LM-O", "YCB", "YCB-V", "T-LESS"]},
-            "blocklist_check": {"passed": True, "checked_objects": n},
+            "blocklist_check": {"passed": True, "checked_objects": n + procedural},
             "counts": counts,
-            "objects": [asdict(o) for o in objects],
+            "objects": [o.manifest_entry() for o in objects],
             "skipped": sorted(skipped, key=lambda s: s["path"]),
         }
         atomic_write_json(out_dir / "manifest.json", manifest)
@@ -760,6 +805,52 @@ class MeshLibraryBuilder:
         f = np.asarray(mesh.faces, dtype=np.int64)
         nrm = vertex_normals(v, f)
         colors, mode = self.colorizer(v, nrm, rng)
+        info, symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, models_dir)
+        bo = BuiltObject(
+            obj_id=obj_id, name=f"obj_{obj_id:06d}", source_package=self.source_package, source_path=cand.rel,
+            licence=self.licence, original_name=cand.original_name, scale=scale, diameter_m=diam_mm / 1000.0,
+            faces=len(f), vertices=len(v), colour_mode=mode, split=split, symmetric=symmetric,
+        )
+        return bo, info
+
+    def _process_procedural(self, obj_id: int, index: int, gen: ProceduralShapeGenerator, labels: LabelColorizer,
+                            rng: np.random.Generator, models_dir: Path,
+                            split: str) -> tuple[BuiltObject, dict[str, Any]]:
+        """Generate procedural object ``index`` (own rng), normalise, colour (label or library modes), write."""
+        cfg, pcfg = self.config, gen.config
+        shape = gen(rng)
+        raw = shape.mesh
+        centre_xy = (np.asarray(raw.vertices).min(0) + np.asarray(raw.vertices).max(0))[:2] / 2.0
+        diameter = float(rng.uniform(cfg.min_diameter, cfg.max_diameter))
+        mesh, scale = normalise(raw, diameter)
+        mesh = adjust_resolution(mesh, cfg.min_faces, cfg.max_faces, cfg.sharp_angle_deg)
+        v = np.asarray(mesh.vertices, dtype=np.float64)
+        f = np.asarray(mesh.faces, dtype=np.int64)
+        nrm = vertex_normals(v, f)
+        extra: dict[str, Any] = {"procedural_kind": shape.kind, "procedural_variant": shape.variant}
+        if rng.random() < pcfg.p_label:
+            vc = v.copy()
+            if shape.projection == "cylindrical":  # revolution axis (raw x = y = 0) through the origin
+                vc[:, :2] += centre_xy * scale
+            colors, base = labels(vc, nrm, shape.projection, rng)
+            mode = "label"
+            extra.update(label_base=base, label_projection=shape.projection)
+        else:
+            colors, mode = self.colorizer(v, nrm, rng)
+        extra["finish"] = "glossy" if rng.random() < pcfg.p_glossy else "matte"
+        info, symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, models_dir)
+        rel = f"procedural/{shape.group}_{index:06d}"
+        bo = BuiltObject(
+            obj_id=obj_id, name=f"obj_{obj_id:06d}", source_package=PROCEDURAL_PACKAGE, source_path=rel,
+            licence=PROCEDURAL_LICENCE, original_name=Path(rel).name, scale=scale, diameter_m=diam_mm / 1000.0,
+            faces=len(f), vertices=len(v), colour_mode=mode, split=split, symmetric=symmetric, extra=extra,
+        )
+        return bo, info
+
+    def _write(self, obj_id: int, v: np.ndarray, f: np.ndarray, nrm: np.ndarray, colors: np.ndarray,
+               models_dir: Path) -> tuple[dict[str, Any], bool, float]:
+        """Write the PLY (mm) and compute the models_info entry -> (info, symmetric, diameter in mm)."""
+        cfg = self.config
         write_ply(models_dir / f"obj_{obj_id:06d}.ply", v * 1000.0, f, nrm, colors)
         lo, hi = v.min(0) * 1000.0, v.max(0) * 1000.0
         diam_mm = mesh_diameter(v) * 1000.0
@@ -779,12 +870,15 @@ class MeshLibraryBuilder:
                     {"axis": [round(float(x), 6) for x in a], "offset": [0, 0, 0]} for a in sym.continuous[:1]
                 ]
             symmetric = bool(sym.discrete or sym.continuous)
-        bo = BuiltObject(
-            obj_id=obj_id, name=f"obj_{obj_id:06d}", source_package=self.source_package, source_path=cand.rel,
-            licence=self.licence, original_name=cand.original_name, scale=scale, diameter_m=diam_mm / 1000.0,
-            faces=len(f), vertices=len(v), colour_mode=mode, split=split, symmetric=symmetric,
-        )
-        return bo, info
+        return info, symmetric, diam_mm
+
+
+def _val_draw(n: int, val_fraction: float, seed: list[int]) -> np.ndarray:
+    """0-based indices of the val objects among ``n``: round(val_fraction n), at least 1 and at most n - 1."""
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(1, min(n - 1, n_val))
+    return np.random.default_rng(seed).permutation(n)[:n_val]
 
 
 def _bop_sym(R: np.ndarray) -> list[float]:

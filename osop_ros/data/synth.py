@@ -45,6 +45,7 @@ from osop_ros.core.geometry import backproject, make_T, random_rotation, rotatio
 from osop_ros.core.types import InvalidInputError
 from osop_ros.data import augment
 from osop_ros.data.meshes import atomic_write_bytes, atomic_write_json, list_images, load_manifest, split_object_ids
+from osop_ros.data.tabletop import TabletopConfig, render_tabletop, sample_tabletop
 
 if TYPE_CHECKING:
     from osop_ros.core.render import Renderer
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 DEPTH_SCALE = 0.1  # BOP depth_scale: depth_mm = png_value * 0.1
 SPLIT_CODES = {"train": 1, "val": 2}
 MIN_VISIB_TARGET = 0.1
+LAYOUTS = ("floating", "tabletop")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class SynthConfig:
     p_headlight: float = 0.15
     jpeg_quality: int = 95
     photometric: augment.PhotometricConfig = field(default_factory=augment.PhotometricConfig)
+    # "floating": objects in front of a photo (the original generator); "tabletop": objects resting on a
+    # textured table with shadows and sensor effects (osop_ros.data.tabletop)
+    layout: str = "floating"
+    tabletop: TabletopConfig = field(default_factory=TabletopConfig)
 
     def __post_init__(self) -> None:
         if self.width < 16 or self.height < 16:
@@ -95,6 +101,8 @@ class SynthConfig:
             raise InvalidInputError("at most 255 instances per image (uint8 instance map)")
         if self.images_per_scene < 1:
             raise InvalidInputError("images_per_scene must be >= 1")
+        if self.layout not in LAYOUTS:
+            raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not 0 < self.depth_range[0] < self.depth_range[1] <= 6.5:
             raise InvalidInputError(f"depth_range must satisfy 0 < near < far <= 6.5 m, got {self.depth_range}")
 
@@ -323,12 +331,12 @@ class SynthGenerator:
         return out.mask, x0, y0
 
     # ------------------------------------------------------------------ one image
-    def render_image(self, rng: np.random.Generator, pool: Sequence[int]) -> dict[str, Any]:
-        """Sample and render one image. Returns rgb (H,W,3) u8, depth (H,W) f32 m, xyz (H,W,3) f32, inst (H,W) u8,
-        masks / masks_visib lists of (H,W) bool, and the BOP JSON entries gt / camera / gt_info."""
+    def _compose_floating(
+        self, rng: np.random.Generator, pool: Sequence[int], diam: dict[int, float]
+    ) -> tuple[ImageSpec, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Objects floating in front of a photo/procedural background -> (spec, rgb, depth, inst, xyz)."""
         cfg = self.cfg
         W, H = cfg.width, cfg.height
-        diam = {i: self.library.diameter(i) for i in pool}
         spec = sample_image_spec(rng, pool, diam, cfg)
         for oid in spec.obj_ids:
             self._ensure(oid)
@@ -356,6 +364,41 @@ class SynthGenerator:
             depth = np.where(out.mask, depth, plane).astype(np.float32)
         inst = out.inst.astype(np.uint8)
         xyz = np.where(out.mask[..., None], out.xyz, 0.0).astype(np.float32)
+        return spec, rgb, depth, inst, xyz
+
+    def _compose_tabletop(
+        self, rng: np.random.Generator, pool: Sequence[int], diam: dict[int, float]
+    ) -> tuple[ImageSpec, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Objects resting on a textured table (:mod:`osop_ros.data.tabletop`) -> (spec, rgb, depth, inst, xyz)."""
+        cfg = self.cfg
+        W, H = cfg.width, cfg.height
+        n_main = int(rng.integers(cfg.objects_per_image[0], cfg.objects_per_image[1] + 1))
+        n_dis = int(rng.integers(cfg.distractors_per_image[0], cfg.distractors_per_image[1] + 1))
+        scene = sample_tabletop(rng, pool, n_main, n_dis, diam, self._ensure, W, H, cfg.tabletop)
+        albedo = [rng.uniform(0.05, 1.0, size=3) if rng.random() < cfg.p_albedo_override else None
+                  for _ in scene.obj_ids]
+        bg = augment.random_background(rng, H, W, self.backgrounds, cfg.p_photo_background)
+        img = render_tabletop(
+            self.renderer, scene, rng, W, H, self.backgrounds, cfg.tabletop,
+            ambient=float(rng.uniform(*cfg.ambient_range)), diffuse=float(rng.uniform(*cfg.diffuse_range)),
+            specular=float(rng.uniform(*cfg.specular_range)) if rng.random() < 0.6 else 0.0,
+            albedo=albedo, background=bg,
+        )
+        rgb = augment.photometric_augment(img.rgb, rng, cfg.photometric)
+        spec = ImageSpec(K=scene.K, obj_ids=scene.obj_ids, poses=scene.poses, distractor=scene.distractor,
+                         light_dir_cam=scene.light_dir_cam, ambient=0.0, diffuse=0.0, specular=0.0, albedo=albedo)
+        return spec, rgb, img.depth, img.inst, img.xyz
+
+    def render_image(self, rng: np.random.Generator, pool: Sequence[int]) -> dict[str, Any]:
+        """Sample and render one image. Returns rgb (H,W,3) u8, depth (H,W) f32 m, xyz (H,W,3) f32, inst (H,W) u8,
+        masks / masks_visib lists of (H,W) bool, and the BOP JSON entries gt / camera / gt_info."""
+        cfg = self.cfg
+        W, H = cfg.width, cfg.height
+        diam = {i: self.library.diameter(i) for i in pool}
+        if cfg.layout == "tabletop":
+            spec, rgb, depth, inst, xyz = self._compose_tabletop(rng, pool, diam)
+        else:
+            spec, rgb, depth, inst, xyz = self._compose_floating(rng, pool, diam)
 
         gt, gt_info, masks, masks_visib = [], [], [], []
         for k, (oid, T) in enumerate(zip(spec.obj_ids, spec.poses, strict=True)):
@@ -533,13 +576,22 @@ class SynthGenerator:
             prev.get("split") == split
             and prev.get("seed") == seed
             and prev.get("split_dir") == split_dir
-            and prev.get("config") == json.loads(json.dumps(asdict(self.cfg)))
+            and _same_config(prev.get("config"), json.loads(json.dumps(asdict(self.cfg))))
             and prev.get("mesh_dir") == str(self.library.root)
         )
         if not same:
             raise InvalidInputError(
                 f"{out_dir} holds a synth run with other settings (split, seed, config or meshes); use another --out"
             )
+
+
+def _same_config(prev: Any, cur: dict[str, Any]) -> bool:
+    """Whether a previous run's config equals ``cur``; keys the previous run did not know (added to
+    :class:`SynthConfig` later) count as equal when ``cur`` holds their default."""
+    if not isinstance(prev, dict):
+        return False
+    defaults = json.loads(json.dumps(asdict(SynthConfig())))
+    return all(prev.get(k, defaults.get(k)) == v for k, v in cur.items()) and set(prev) <= set(cur)
 
 
 def default_split_dir(split: str) -> str:

@@ -2,7 +2,9 @@
 
 Correct = MSSD error < 0.1 x object diameter (symmetry-aware, :data:`~osop_ros.eval.metrics.CORRECT_MSSD_FRAC`).
 The records are those ``osop eval`` writes (``<out>.features.jsonl``, one per estimate: ``features``,
-``modality``, ``correct``, ``absent``, ``score``); poses of absent objects are negatives. One model per
+``modality``, ``correct``, ``absent``, ``score``); poses of absent objects are negatives, and with
+``--hard-negatives`` the 180-degree flips of every estimate (``fit_only`` records, labelled by their MSSD)
+teach the model that agreeing with depth and silhouette alone does not make a pose right. One model per
 modality (``rgbd``, ``rgb``) on standardised features, fitted by Newton-IRLS with an L2 penalty, is
 written to a YAML/JSON file read by :class:`osop_ros.core.verify.ScoreCalibration` (fitting is eval-only
 code; loading and applying it is core).
@@ -26,9 +28,10 @@ from osop_ros.core.verify import PlattModel, ScoreCalibration
 from osop_ros.eval.metrics import CORRECT_MSSD_FRAC, published_stats
 
 MODEL_FEATURES: dict[str, tuple[str, ...]] = {
-    "rgbd": ("raw", "iou", "mask_recall", "mask_precision", "edge", "color", "depth_inlier", "depth_behind",
-             "occluded", "depth_valid", "seg_score", "match_score"),
-    "rgb": ("raw", "iou", "mask_recall", "mask_precision", "edge", "color", "seg_score", "match_score"),
+    "rgbd": ("raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "depth_inlier",
+             "depth_behind", "occluded", "depth_valid", "seg_score", "match_score"),
+    "rgb": ("raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "seg_score",
+            "match_score"),
 }
 CRITERION = f"correct = MSSD < {CORRECT_MSSD_FRAC} x diameter (symmetry-aware); poses of absent objects are wrong"
 
@@ -103,7 +106,9 @@ def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> 
 
 
 def _samples(records: Sequence[dict[str, Any]], modality: str) -> list[dict[str, Any]]:
-    return [r for r in records if r.get("score") is not None and r.get("modality") == modality and r.get("features")]
+    """Estimates (and fit-only hard negatives) of ``modality`` that carry verification features."""
+    return [r for r in records if (r.get("score") is not None or r.get("fit_only"))
+            and r.get("modality") == modality and r.get("features")]
 
 
 def _model(X_raw: np.ndarray, y: np.ndarray, names: Sequence[str], l2: float) -> PlattModel:
@@ -152,6 +157,7 @@ def fit_platt(
         "n": len(rows),
         "n_pos": int(y.sum()),
         "n_absent": int(sum(bool(r["absent"]) for r in rows)),
+        "n_hard_negatives": int(sum(bool(r.get("fit_only")) for r in rows)),
         "log_loss": log_loss(p_fit, y),
         "auc": auc(p_fit, y.astype(bool)),
         "auc_raw_score": auc(np.nan_to_num(raw), y.astype(bool)),

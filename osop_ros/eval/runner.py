@@ -167,6 +167,9 @@ class EvalOptions:
     ``absent``: per image, also query this many objects of ``objects`` (None: of the dataset) that are not
     in the image (each is onboarded).
     ``jobs``: worker processes (each builds its own pipeline); results are merged in image order.
+    ``hard_negatives``: also record the verification features of the 180-degree flips of every chosen
+    pose (:func:`~osop_ros.core.verify.model_flips`), labelled by their MSSD like any estimate, as
+    fit-only records (``fit_only``: never counted as published) for ``fit_calibration``.
     """
 
     dataset: Path
@@ -197,6 +200,7 @@ class EvalOptions:
     vsd: bool = True
     progress: bool = True
     fit_calibration: Path | None = None
+    hard_negatives: bool = False
     pr_plot: Path | None = None
     seed: int = 0
 
@@ -385,6 +389,7 @@ class EstRecord:
     score_raw: float | None
     calibrated: bool
     timings: dict[str, float]
+    flips: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -402,7 +407,7 @@ def _record(e: Any, obj_id: int, absent: bool, used_depth: bool) -> EstRecord:
     return EstRecord(
         obj_id, float(e.score), np.asarray(e.T_cam_obj, dtype=np.float64), absent,
         str(d.get("verify_modality", "rgbd" if used_depth else "rgb")), dict(d.get("verify", {})),
-        d.get("score_raw"), bool(d.get("score_calibrated", False)), dict(e.timings),
+        d.get("score_raw"), bool(d.get("score_calibrated", False)), dict(e.timings), list(d.get("verify_flips", [])),
     )
 
 
@@ -520,6 +525,8 @@ class _Estimator:
             pipe.configure(p, cfg.base_dir)
             digest = getattr(stage_factory, "digest", None)
             self.digest = digest() if callable(digest) else None
+        if opts.hard_negatives and pipe.verifier is not None:
+            pipe.verifier.config.report_flips = True
         self.pipeline = pipe
         self.stage_names = {
             "segmenter": "ORACLE(mask)" if "mask" in oracle else type(pipe.segmenter).__name__,
@@ -908,6 +915,12 @@ def _label_records(
             labels = label_estimates(fr, obj_id, [r.T_cam_obj for r in mine], [r.score for r in mine], objects[obj_id])
             for r, (err, ok) in zip(mine, labels, strict=True):
                 records.append(_rec_dict(fr, r, err, ok))
+                for fl in r.flips:  # hard negatives (fit only)
+                    Tf = np.asarray(fl["T_cam_obj"], dtype=np.float64)
+                    (ferr, fok), = label_estimates(fr, obj_id, [Tf], [r.score], objects[obj_id])
+                    records.append({**_rec_dict(fr, dataclasses.replace(r, T_cam_obj=Tf, features=fl["features"],
+                                                                        flips=[]), ferr, fok),
+                                    "score": None, "score_raw": None, "fit_only": True})
             if not mine:
                 records.append({"scene_id": fr.scene_id, "im_id": fr.im_id, "obj_id": obj_id, "absent": False,
                                 "score": None, "correct": False, "mssd_rel": None})
