@@ -148,3 +148,28 @@ def test_checkpoint_errors(tmp_path) -> None:
     torch.save({"arch": "matchnet", "config": tiny_match().cfg.to_dict(), "state_dict": {}}, p)
     with pytest.raises(CheckpointError, match="do not fit"):
         from_checkpoint(p, "cpu")
+
+
+def test_load_trained_state_allows_only_frozen_prefixes_to_be_missing() -> None:
+    """Head-only checkpoints (frozen pretrained backbone) warm-start training; other gaps are errors."""
+    from torch import nn
+
+    from osop_ros.nets.checkpoint import load_trained_state
+    from osop_ros.nets.errors import CheckpointError
+
+    class Net(nn.Module):
+        frozen_prefixes = ("backbone.",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+    src, dst = Net(), Net()
+    head_only = {k: v.half() for k, v in src.state_dict().items() if k.startswith("head.")}
+    load_trained_state(dst, head_only, "head.pt")
+    assert torch.equal(dst.head.weight, src.head.weight.half().float())
+    with pytest.raises(CheckpointError, match="missing"):
+        load_trained_state(dst, {"head.weight": src.head.weight}, "broken.pt")
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_trained_state(dst, {**head_only, "extra.weight": torch.zeros(1)}, "extra.pt")

@@ -423,7 +423,7 @@ def test_factory_receives_core_config(session: F.RosSession, mesh_dir: Path) -> 
     try:
         assert node.wait_ready(5.0)
         cfg = load_config(seen[0])  # the dict is a valid core config
-        assert cfg.device == "cpu" and cfg.objects == [] and cfg.pipeline.score_threshold == 0.3
+        assert cfg.device == "cpu" and cfg.objects == [] and cfg.pipeline.score_threshold == 0.9
     finally:
         session.remove(node)
 

@@ -96,19 +96,26 @@ def from_checkpoint(
         raise CheckpointError(f"{path} holds a {ckpt['arch']}, expected one of {', '.join(allowed)}")
     cls, cfg_cls = ARCHS[ckpt["arch"]]
     model = cls(cfg_cls.from_dict(ckpt["config"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    load_trained_state(model, ckpt["state_dict"], path)
+    model.meta = ckpt.get("meta", {})
+    return model.to(resolve_device(device)).eval()
+
+
+def load_trained_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: object) -> None:
+    """Load a checkpoint's (trained) state into ``model`` (as float32); parameters under the model's
+    ``frozen_prefixes`` (a pretrained backbone read from its package) may be absent. Raises CheckpointError
+    when anything else is missing or unexpected."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     frozen = tuple(getattr(model, "frozen_prefixes", ()))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture: {exc}") from exc
+        raise CheckpointError(f"{source}: weights do not fit the stored architecture: {exc}") from exc
     missing = [k for k in missing if not (frozen and k.startswith(frozen))]
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: weights do not fit the stored architecture (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            f"{source}: weights do not fit the stored architecture (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
-    model.meta = ckpt.get("meta", {})
-    return model.to(resolve_device(device)).eval()
 
 
 def build_network(

@@ -147,7 +147,7 @@ NODE_PARAMS: tuple[ParamSpec, ...] = (
 )
 
 _CORE_DESCRIPTIONS = {
-    "pipeline.score_threshold": "poses scoring below this are not published (live)",
+    "pipeline.score_threshold": "publish poses whose calibrated P(pose correct) is at least this (live)",
     "pipeline.modality": "auto | rgb | rgbd",
     "pipeline.max_instances": "instances per object and frame",
     "weights.segment": "segmentation checkpoint; empty = shipped weights; cosine:<backbone> = training-free",

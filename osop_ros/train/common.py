@@ -147,10 +147,10 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
         rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
         log.info("resumed %s at step %d (best %s)", last, step, best)
     elif cfg.init_from:
-        from osop_ros.nets.checkpoint import load_checkpoint_dict
+        from osop_ros.nets.checkpoint import load_checkpoint_dict, load_trained_state
 
         ck = load_checkpoint_dict(os.path.expanduser(cfg.init_from))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        load_trained_state(model, ck["state_dict"], cfg.init_from)  # head-only files: the backbone stays
         step = int(ck.get("meta", {}).get("step", 0))
         wall = float(ck.get("meta", {}).get("wall_s", 0.0))
         log.info("warm start from %s (step %d of its run)", cfg.init_from, step)
