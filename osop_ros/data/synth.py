@@ -278,6 +278,42 @@ def bbox_xywh(mask: np.ndarray, x_off: int = 0, y_off: int = 0) -> list[int]:
     return [x0 + x_off, y0 + y_off, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
 
 
+def instance_annotation(
+    obj_id: int, T: np.ndarray, visib: np.ndarray, full_crop: np.ndarray, x0: int, y0: int, depth_valid: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """BOP ground truth of one instance.
+
+    visib: (H, W) bool visible mask; full_crop: (h, w) bool unoccluded silhouette whose top-left pixel is
+    (x0, y0) in image coordinates (may lie outside the image); depth_valid: (H, W) bool pixels with depth;
+    T: (4, 4) T_cam_obj in metres. Returns (full mask (H, W) bool inside the image, scene_gt entry,
+    scene_gt_info entry).
+    """
+    H, W = visib.shape
+    full = np.zeros((H, W), bool)
+    if full_crop.size:
+        ys, xs = np.nonzero(full_crop)
+        xs, ys = xs + x0, ys + y0
+        ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
+        full[ys[ok], xs[ok]] = True
+    full |= visib  # rasterisation is identical; guards against tiny differences
+    px_all = int(max(full_crop.sum() if full_crop.size else 0, full.sum()))
+    px_vis = int(visib.sum())
+    gt = {
+        "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
+        "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
+        "obj_id": int(obj_id),
+    }
+    info = {
+        "bbox_obj": bbox_xywh(full_crop, x0, y0) if full_crop.size else [-1, -1, -1, -1],
+        "bbox_visib": bbox_xywh(visib),
+        "px_count_all": px_all,
+        "px_count_valid": int((full & depth_valid).sum()),
+        "px_count_visib": px_vis,
+        "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
+    }
+    return full, gt, info
+
+
 class SynthGenerator:
     """Renders BOP scenes for one split of a :class:`MeshLibrary` with a :class:`~osop_ros.core.render.Renderer`."""
 
@@ -393,7 +429,6 @@ class SynthGenerator:
         """Sample and render one image. Returns rgb (H,W,3) u8, depth (H,W) f32 m, xyz (H,W,3) f32, inst (H,W) u8,
         masks / masks_visib lists of (H,W) bool, and the BOP JSON entries gt / camera / gt_info."""
         cfg = self.cfg
-        W, H = cfg.width, cfg.height
         diam = {i: self.library.diameter(i) for i in pool}
         if cfg.layout == "tabletop":
             spec, rgb, depth, inst, xyz = self._compose_tabletop(rng, pool, diam)
@@ -404,32 +439,9 @@ class SynthGenerator:
         for k, (oid, T) in enumerate(zip(spec.obj_ids, spec.poses, strict=True)):
             visib = inst == k + 1
             fm, x0, y0 = self._full_mask(oid, T, spec.K)
-            full = np.zeros((H, W), bool)
-            if fm.size:
-                ys, xs = np.nonzero(fm)
-                xs, ys = xs + x0, ys + y0
-                ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
-                full[ys[ok], xs[ok]] = True
-            full |= visib  # rasterisation is identical; guards against tiny differences
-            px_all = int(max(fm.sum() if fm.size else 0, full.sum()))
-            px_vis = int(visib.sum())
-            gt.append(
-                {
-                    "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
-                    "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
-                    "obj_id": int(oid),
-                }
-            )
-            gt_info.append(
-                {
-                    "bbox_obj": bbox_xywh(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
-                    "bbox_visib": bbox_xywh(visib),
-                    "px_count_all": px_all,
-                    "px_count_valid": int((full & (depth > 0)).sum()),
-                    "px_count_visib": px_vis,
-                    "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
-                }
-            )
+            full, g, info = instance_annotation(int(oid), T, visib, fm, x0, y0, depth > 0)
+            gt.append(g)
+            gt_info.append(info)
             masks.append(full)
             masks_visib.append(visib)
         camera = {"cam_K": [float(x) for x in spec.K.reshape(-1)], "depth_scale": DEPTH_SCALE}

@@ -189,7 +189,6 @@ def sample_tabletop(
     laz = rng.uniform(0, 2 * np.pi)
     to_light = np.array([np.cos(lel) * np.cos(laz), np.cos(lel) * np.sin(laz), np.sin(lel)])
     light_dir_cam = T_cam_world[:3, :3] @ -to_light
-    # the wall stands behind the cluster as seen from the camera: only on the far side
     return TabletopScene(
         K=K,
         T_cam_world=T_cam_world,

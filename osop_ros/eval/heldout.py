@@ -57,7 +57,7 @@ import numpy as np
 from osop_ros.core.geometry import invert_T, look_at, make_T, rotation_about_axis
 from osop_ros.core.types import InvalidInputError
 from osop_ros.data.meshes import atomic_write_bytes, atomic_write_json
-from osop_ros.data.synth import bbox_xywh, encode_png
+from osop_ros.data.synth import encode_png, instance_annotation
 
 if TYPE_CHECKING:
     from osop_ros.core.mesh import ObjectModel
@@ -904,32 +904,9 @@ class HeldoutGenerator:
         for k, (oid, T) in enumerate(zip(layout.obj_ids, T_co, strict=True)):
             visib = inst == k + 2
             fm, x0, y0 = self._solo(oid, T, K)
-            full = np.zeros((H, W), bool)
-            if fm.size:
-                ys, xs = np.nonzero(fm)
-                xs, ys = xs + x0, ys + y0
-                ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
-                full[ys[ok], xs[ok]] = True
-            full |= visib
-            px_all = int(max(fm.sum() if fm.size else 0, full.sum()))
-            px_vis = int(visib.sum())
-            gt.append(
-                {
-                    "cam_R_m2c": [float(x) for x in T[:3, :3].reshape(-1)],
-                    "cam_t_m2c": [float(x) * 1000.0 for x in T[:3, 3]],
-                    "obj_id": int(oid),
-                }
-            )
-            gt_info.append(
-                {
-                    "bbox_obj": bbox_xywh(fm, x0, y0) if fm.size else [-1, -1, -1, -1],
-                    "bbox_visib": bbox_xywh(visib),
-                    "px_count_all": px_all,
-                    "px_count_valid": int((full & (depth_mm > 0)).sum()),
-                    "px_count_visib": px_vis,
-                    "visib_fract": float(px_vis / px_all) if px_all > 0 else 0.0,
-                }
-            )
+            full, g, info = instance_annotation(int(oid), T, visib, fm, x0, y0, depth_mm > 0)
+            gt.append(g)
+            gt_info.append(info)
             masks.append(full)
             masks_visib.append(visib)
         camera = {
