@@ -72,12 +72,23 @@ def test_eval_stages_runs(synth: Path, tmp_path: Path, tiny_weights: Path) -> No
             cache_dir=tmp_path,
             template_config=_tcfg(),
             max_targets=3,
+            absent_from=synth,  # wiring only: these objects are in the images
+            n_foreign=2,
         )
     )
     assert s["n_instances"] == 3
+    assert s["stage1_n_foreign_queries"] >= 1 and 0.0 <= s["stage1_foreign_false_pos"] <= 1.0
     assert 0.0 <= s["stage1_mean_iou"] <= 1.0
     assert 0.0 <= s["stage2_median_rot_err_deg"] <= 180.0
     assert s["stage3_median_coord_err_pct_diam"] >= 0.0
+    s1 = evaluate_stages(
+        StageEvalOptions(
+            dataset=synth, device="cpu", weights_dir=tiny_weights, cache_dir=tmp_path, template_config=_tcfg(),
+            max_targets=3, stage1_only=True,
+        )
+    )
+    assert s1["stage1_mean_iou"] == s["stage1_mean_iou"]  # same stage 1, stages 2-3 skipped
+    assert s1["stage2_median_rot_err_deg"] is None and s1["stage3_median_coord_err_pct_diam"] is None
 
 
 def test_build_pipeline_and_features_cache(tmp_path: Path, tiny_weights: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.gl
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(synthetic scenes, mesh library) of 4 small meshes."""
     from osop_ros.core.render import Renderer, RendererError
 
     src = tmp_path_factory.mktemp("src")
@@ -50,9 +52,31 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     SynthGenerator(MeshLibrary(lib), r, cfg)(synth, "train", 1, seed=3, progress=False)
     r.release()
+    return synth, lib
+
+
+SMALL = dict(crop_size=32, image_width=80, min_px=30, views_per_object=4, min_visib=0.2)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, sources: tuple[Path, Path]) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    prepare(synth, lib, out, PrepareConfig(crop_size=32, image_width=80, min_px=30, views_per_object=4, min_visib=0.2))
+    prepare(*sources, out, PrepareConfig(**SMALL))
     return out
+
+
+def test_images_only_matches_full_preparation(
+    tmp_path: Path, sources: tuple[Path, Path], prepared: Path
+) -> None:
+    """``--images-only``: the same stage-1 images and object mini banks, no instance shards."""
+    s = prepare(*sources, tmp_path, PrepareConfig(**SMALL, instances=False))
+    assert s["instances"] == 0 and not list(tmp_path.glob("instances-*.npz"))
+    full = json.loads((prepared / "done.json").read_text())
+    assert s["images"] == full["images"] > 0 and s["objects"] == full["objects"]
+    with np.load(tmp_path / "images-0000.npz") as a, np.load(prepared / "images-0000.npz") as b:
+        assert np.array_equal(a["objmap"], b["objmap"]) and np.array_equal(a["rgb"], b["rgb"])
+    with np.load(tmp_path / "objects.npz") as a, np.load(prepared / "objects.npz") as b:
+        assert np.array_equal(a["obj_id"], b["obj_id"])
 
 
 def test_centred_rotation_puts_centre_on_axis() -> None:

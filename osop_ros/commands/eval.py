@@ -162,6 +162,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--seg-input-width", type=int, default=320, help="stage 1 input width (default: 320)")
     q.add_argument("--inplane", choices=("query", "templates"), default="query", help="stage 2 in-plane search")
     q.add_argument("--cache-dir", type=Path, default=None)
+    q.add_argument("--absent-from", type=Path, default=None, metavar="DIR",
+                   help="also query, on every image, objects of this other BOP dataset (absent by construction)")
+    q.add_argument("--stage1-only", action="store_true", help="measure stage 1 only (skips stages 2-3)")
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)
 
@@ -183,6 +186,8 @@ def stages_handler(args: argparse.Namespace) -> int:
             seg_input_width=args.seg_input_width,
             inplane=args.inplane,
             cache_dir=args.cache_dir,
+            absent_from=args.absent_from,
+            stage1_only=args.stage1_only,
         )
     )
     print(json.dumps(summary, indent=1))

@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from osop_ros.train.prepare import PrepareConfig, prepare
 
-    cfg = PrepareConfig(crop_size=args.crop_size, seed=args.seed)
+    cfg = PrepareConfig(crop_size=args.crop_size, seed=args.seed, instances=not args.images_only)
     print(
         json.dumps(
             prepare(Path(args.synth).expanduser(), Path(args.meshes).expanduser(), Path(args.out).expanduser(), cfg)
@@ -123,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--out", required=True)
     pp.add_argument("--crop-size", type=int, default=64)
     pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--images-only", action="store_true",
+                    help="stage-1 shards only (images + object mini banks): no per-instance crops and paired "
+                    "templates for stages 2-3 (the slow part on cluttered tabletop scenes)")
     pp.set_defaults(func=_prepare)
     pe = s.add_parser("export", help="best checkpoint of a run -> weights/<stage>.pt (fp16) + model card")
     pe.add_argument("--stage", required=True, choices=sorted(TASKS))

@@ -53,6 +53,7 @@ class PrepareConfig:
     shift_jitter: float = 0.06
     shard_size: int = 2000
     seed: int = 0
+    instances: bool = True  # False: stage-1 shards only (no instance crops / paired templates)
 
 
 def perturb_rotation(
@@ -192,11 +193,13 @@ def prepare(synth_dir: Path, meshes_dir: Path, out_dir: Path, cfg: PrepareConfig
                     vis = inst_img == j + 1
                     if vis.sum() < cfg.min_px:
                         continue
+                    used_objects.add(oid)
+                    if not cfg.instances:
+                        continue
                     model = models[oid]
                     key = f"obj{oid}"
                     if not renderer.has_object(key):
                         renderer.add_object(key, model)
-                    used_objects.add(oid)
                     T = make_T(np.asarray(gt["cam_R_m2c"]).reshape(3, 3), np.asarray(gt["cam_t_m2c"]) / 1000.0)
                     box = mask_to_box(vis)
                     assert box is not None
