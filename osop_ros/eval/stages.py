@@ -79,23 +79,23 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     obj_ids = sorted({t.obj_id for t in targets})
     cache = TemplateCache(opts.cache_dir)
     renderer = Renderer()
+    tcfg = opts.template_config or TemplateConfig()
+
+    def onboard(d: BopDataset, oid: int, name: str) -> OnboardedObject:
+        model = ObjectModel.load(d.model_path(oid), units="mm", name=name, symmetries=d.symmetries(oid))
+        bank = cache.get_or_build(model, renderer, tcfg, progress=False)
+        return OnboardedObject(model.name, model, bank, symmetry_transforms(model.symmetries), obj_id=oid)
+
     objects: dict[int, OnboardedObject] = {}
     keys = {}
     for oid in obj_ids:
-        model = ObjectModel.load(ds.model_path(oid), units="mm", name=f"obj_{oid:06d}", symmetries=ds.symmetries(oid))
-        bank = cache.get_or_build(model, renderer, opts.template_config or TemplateConfig(), progress=False)
-        objects[oid] = OnboardedObject(model.name, model, bank, symmetry_transforms(model.symmetries), obj_id=oid)
+        objects[oid] = onboard(ds, oid, f"obj_{oid:06d}")
         keys[oid] = f"eval{oid}"
-        renderer.add_object(keys[oid], model)
-    foreign: list[OnboardedObject] = []
+        renderer.add_object(keys[oid], objects[oid].model)
+    foreign: list[OnboardedObject] = []  # objects of another dataset: absent by construction
     if opts.absent_from is not None:
         fds = BopDataset(opts.absent_from, opts.split)
-        for oid in fds.obj_ids[: opts.n_foreign]:
-            model = ObjectModel.load(
-                fds.model_path(oid), units="mm", name=f"foreign_{oid:06d}", symmetries=fds.symmetries(oid)
-            )
-            bank = cache.get_or_build(model, renderer, opts.template_config or TemplateConfig(), progress=False)
-            foreign.append(OnboardedObject(model.name, model, bank, symmetry_transforms(model.symmetries), obj_id=oid))
+        foreign = [onboard(fds, oid, f"foreign_{oid:06d}") for oid in fds.obj_ids[: opts.n_foreign]]
     frame = OracleFrame(renderer, keys)
     seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width)
     matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1, inplane=opts.inplane)
