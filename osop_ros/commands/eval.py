@@ -112,6 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default=None,
                    help="score calibration file, or 'none' (default: pipeline.calibration)")
     p.add_argument("--seg-input-width", type=int, default=None, help="stage 1 input width (default: the config's)")
+    p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
+                   help="stage 1: OSOP head or MobileSAM proposals (default: pipeline.segmenter)")
+    p.add_argument("--verify-candidates", type=int, default=None,
+                   help="stage-1 candidates verified per object (default: pipeline.verify_candidates)")
     p.add_argument("--max-instances", type=_max_instances, default=None,
                    help="instances per object and image: N, or 'targets' = the BOP inst_count (default: the config's)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
@@ -165,8 +169,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--absent-from", type=Path, default=None, metavar="DIR",
                    help="also query, on every image, objects of this other BOP dataset (absent by construction)")
     q.add_argument("--stage1-only", action="store_true", help="measure stage 1 only (skips stages 2-3)")
+    q.add_argument("--segmenter", choices=("head", "proposals"), default="head",
+                   help="stage 1: the OSOP head (mask prob >= 0.5) or MobileSAM proposals ranked by descriptors")
+    q.add_argument("--proposal-grid", type=_int_list, default=None, metavar="GX,GY",
+                   help="proposals: grid of point prompts (default 8,6)")
+    q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 8)")
+    q.add_argument("--proposal-image-size", type=int, default=None, help="proposals: MobileSAM input side (512)")
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)
+
+
+def _proposal_config(args: argparse.Namespace):  # noqa: ANN202 - ProposalConfig (lazy import)
+    from osop_ros.core.proposals import ProposalConfig
+
+    kw: dict = {}
+    if args.proposal_grid is not None:
+        if len(args.proposal_grid) != 2:
+            raise SystemExit("--proposal-grid takes GX,GY")
+        kw["grid"] = tuple(args.proposal_grid)
+    if args.proposal_peaks is not None:
+        kw["head_peaks"] = args.proposal_peaks
+    if args.proposal_image_size is not None:
+        kw["image_size"] = args.proposal_image_size
+    return ProposalConfig(**kw)
 
 
 def stages_handler(args: argparse.Namespace) -> int:
@@ -188,6 +213,8 @@ def stages_handler(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             absent_from=args.absent_from,
             stage1_only=args.stage1_only,
+            segmenter=args.segmenter,
+            proposal=_proposal_config(args),
         )
     )
     print(json.dumps(summary, indent=1))
@@ -226,6 +253,8 @@ def handler(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         depth_seg=args.depth_seg,
         seg_input_width=args.seg_input_width,
+        segmenter=args.segmenter,
+        verify_candidates=args.verify_candidates,
         device=args.device,
         max_instances=args.max_instances,
         max_images=args.max_images,

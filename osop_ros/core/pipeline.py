@@ -178,6 +178,8 @@ class Pipeline:
         """Stages 2-4 (+ verification) for one stage-1 instance; None when the solver finds no pose."""
         timings = dict(shared)
         diag: dict = {"mask_area": int(seg.mask.sum()), "seg_score": float(seg.score)}
+        if seg.rank_score is not None:
+            diag["seg_rank_score"] = float(seg.rank_score)
         t = time.perf_counter()
         match = self.matcher(obs, seg, obj)
         timings["match"] = time.perf_counter() - t

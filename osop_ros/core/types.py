@@ -200,12 +200,15 @@ class SegmentationResult:
     prob:  (H, W) float32 foreground probability.
     box:   (4,) int (x0, y0, x1, y1) inclusive-exclusive pixel box of ``mask``; None if empty.
     score: mean foreground probability inside ``mask`` (0 if empty).
+    rank_score: the segmenter's ranking score when it is not ``score`` (proposals: descriptor cosine
+                + weighted head probability), else None.
     """
 
     mask: np.ndarray
     prob: np.ndarray
     box: tuple[int, int, int, int] | None
     score: float
+    rank_score: float | None = None
 
 
 @dataclass

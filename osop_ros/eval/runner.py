@@ -161,8 +161,8 @@ class EvalOptions:
 
     ``config``: the pipeline configuration (None = the node's ``config/osop.yaml``); the options
     ``modality``, ``correspondence`` (None = learned, what the node runs), ``top_k``, ``icp``, ``verify``,
-    ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg`` and ``device`` override it when
-    not None.
+    ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg``, ``segmenter``,
+    ``verify_candidates`` and ``device`` override it when not None.
     ``max_instances``: None = the config's, ``"targets"`` = the BOP ``inst_count`` of each target.
     ``absent``: per image, also query this many objects of ``objects`` (None: of the dataset) that are not
     in the image (each is onboarded).
@@ -187,6 +187,8 @@ class EvalOptions:
     seg_input_width: int | None = None
     calibration: str | None = None
     depth_seg: bool | None = None
+    segmenter: str | None = None
+    verify_candidates: int | None = None
     device: str | None = None
     max_instances: int | str | None = None
     max_images: int | None = None
@@ -232,7 +234,8 @@ class EvalOptions:
         over: dict[str, Any] = {"tracking": False}
         for key, val in (("top_k_templates", self.top_k), ("icp", self.icp), ("verify", self.verify),
                          ("score_threshold", self.score_threshold), ("seg_input_width", self.seg_input_width),
-                         ("calibration", self.calibration), ("depth_seg", self.depth_seg)):
+                         ("calibration", self.calibration), ("depth_seg", self.depth_seg),
+                         ("segmenter", self.segmenter), ("verify_candidates", self.verify_candidates)):
             if val is not None:
                 over[key] = val
         if self.modality is not None:
@@ -301,7 +304,11 @@ def default_stage_factory(device: str = "auto", weights_dir: Path | None = None)
         n = cache["nets"]
         p = ctx.config.pipeline if ctx.config is not None else PipelineConfig()
         if name == "segmenter":
-            return OneShotSegmenter(n.segnet, n.device, input_width=p.seg_input_width)
+            if p.segmenter == "head" or ctx.config is None:
+                return OneShotSegmenter(n.segnet, n.device, input_width=p.seg_input_width)
+            from osop_ros.core.factory import build_segmenter
+
+            return build_segmenter(ctx.config, n, TemplateMatcher(n.matchnet, n.device, top_k=p.top_k_templates))
         if name == "matcher":
             return TemplateMatcher(n.matchnet, n.device, top_k=p.top_k_templates)
         if name == "correspondence":

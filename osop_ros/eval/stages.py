@@ -43,6 +43,8 @@ class StageEvalOptions:
     absent_from: Path | None = None  # BOP dataset whose objects are also queried on every image (never in it)
     n_foreign: int = 8  # objects of ``absent_from`` onboarded (queried in turn)
     stage1_only: bool = False  # skip stages 2 and 3 (no descriptor banks to embed: much faster on new objects)
+    segmenter: str = "head"  # stage 1: head (OSOP head, prob >= 0.5) | proposals (MobileSAM, core/proposals.py)
+    proposal: Any | None = None  # ProposalConfig; None = its defaults
 
 
 def evaluate_stages(opts: StageEvalOptions) -> dict:
@@ -99,6 +101,26 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     frame = OracleFrame(renderer, keys)
     seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width)
     matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1, inplane=opts.inplane)
+    if opts.segmenter not in ("head", "proposals"):
+        raise ValueError(f"segmenter must be head|proposals, got {opts.segmenter!r}")
+    proposer = None
+    if opts.segmenter == "proposals":
+        from osop_ros.core.proposals import ProposalConfig, ProposalSegmenter
+        from osop_ros.nets.mobile_sam import MobileSAM
+
+        pcfg = opts.proposal or ProposalConfig()
+        sam = MobileSAM.from_package(pcfg.image_size).to(nets.device)
+        proposer = ProposalSegmenter(seg, sam, matcher, pcfg, crop_size=tcfg.crop_size)
+
+    def stage1(obs, obj: OnboardedObject) -> tuple[np.ndarray, float | None]:  # noqa: ANN001
+        """(H, W) bool mask of the top stage-1 answer and its ranking score (proposals only)."""
+        if proposer is None:
+            return seg.probability(obs, obj) >= 0.5, None
+        r = proposer(obs, obj)
+        if not r:
+            return np.zeros(obs.rgb.shape[:2], bool), None
+        return r[0].mask, r[0].rank_score
+
     oracle_match = OracleMatcher(frame, top_k=1)
     corr = DenseCorrespondence(nets.corrnet, nets.device, mask_threshold=0.0)
     res: dict[str, list] = {
@@ -109,6 +131,8 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         "obj": [],
         "absent_fp": [],
         "foreign_fp": [],
+        "rank_present": [],  # (ranking score, IoU) of the top proposal of present targets
+        "rank_absent": [],  # ranking score of the top proposal of absent / foreign queries
     }
     t0 = time.time()
     n = 0
@@ -125,11 +149,15 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         # stage 1 "not here": query one dataset object that is not in this image
         absent = [o for o in obj_ids if o not in {g.obj_id for g in gts}]
         if absent and n < opts.max_targets:
-            pa = seg.probability(obs, objects[absent[(sid * 31 + iid) % len(absent)]]) >= 0.5
+            pa, ra = stage1(obs, objects[absent[(sid * 31 + iid) % len(absent)]])
             res["absent_fp"].append(float(pa.mean() > opts.absent_area_frac))
+            if ra is not None:
+                res["rank_absent"].append(ra)
         if foreign and n < opts.max_targets:  # an object of another dataset: certainly not here
-            pf = seg.probability(obs, foreign[len(res["foreign_fp"]) % len(foreign)]) >= 0.5
+            pf, rf = stage1(obs, foreign[len(res["foreign_fp"]) % len(foreign)])
             res["foreign_fp"].append(float(pf.mean() > opts.absent_area_frac))
+            if rf is not None:
+                res["rank_absent"].append(rf)
         for tg in tlist:
             obj = objects[tg.obj_id]
             for gi, g in enumerate(gts):
@@ -139,10 +167,11 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
                     break
                 n += 1
                 # stage 1
-                prob = seg.probability(obs, obj)
-                pm = prob >= 0.5
+                pm, rank = stage1(obs, obj)
                 union = (pm | vis[gi]).sum()
                 res["iou"].append(float((pm & vis[gi]).sum() / union) if union else 0.0)
+                if rank is not None:
+                    res["rank_present"].append((rank, res["iou"][-1]))
                 res["obj"].append(tg.obj_id)
                 if opts.stage1_only:
                     continue
@@ -193,6 +222,8 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         "stage3_within_10pct": round(float((allc < 10).mean()), 4) if res["coord_err_pct"] else None,
         "seconds": round(time.time() - t0, 1),
     }
+    if res["rank_present"]:
+        summary["stage1_min_score_sweep"] = min_score_sweep(res["rank_present"], res["rank_absent"])
     per_obj = {}
     for oid in obj_ids:
         idx = [i for i, o in enumerate(res["obj"]) if o == oid]
@@ -204,3 +235,27 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
             }
     summary["per_object"] = per_obj
     return summary
+
+
+def min_score_sweep(
+    present: list[tuple[float, float]], absent: list[float], thresholds: tuple[float, ...] = ()
+) -> list[dict[str, float]]:
+    """What a ``min_score`` on the top proposal's ranking score would do, per threshold.
+
+    present: (score, IoU) of the top proposal of each present target; absent: top scores of absent
+    queries. Per threshold: share of absent queries still answered (false positives), share of
+    present targets answered, and share answered with IoU >= 0.5.
+    """
+    p = np.array(present, dtype=np.float64).reshape(-1, 2)
+    a = np.array(absent, dtype=np.float64)
+    ths = thresholds or tuple(np.round(np.quantile(np.concatenate([p[:, 0], a]), np.linspace(0, 0.9, 10)), 3))
+    out = []
+    for t in ths:
+        kept = p[:, 0] >= t
+        out.append({
+            "min_score": float(t),
+            "absent_fp": round(float((a >= t).mean()), 4) if len(a) else float("nan"),
+            "present_answered": round(float(kept.mean()), 4),
+            "present_iou_ge_0.5": round(float((kept & (p[:, 1] >= 0.5)).mean()), 4),
+        })
+    return out

@@ -159,15 +159,26 @@ _CORE_DESCRIPTIONS = {
     "pipeline.verify_candidates": "stage-1 instance candidates verified per object (the best max_instances kept)",
     "pipeline.calibration": "score calibration YAML/JSON; empty = config/score_calibration.yaml, 'none' = raw score",
     "pipeline.depth_seg": "RGB-D: clean stage-1 masks with depth (support plane, depth edges, 3D cluster)",
+    "pipeline.segmenter": "stage 1: head (OSOP head components) | proposals (MobileSAM masks ranked by descriptors)",
+    "pipeline.proposal_image_size": "proposals: MobileSAM input side in pixels (multiple of 16)",
+    "pipeline.proposal_grid_x": "proposals: point-prompt grid columns per frame",
+    "pipeline.proposal_grid_y": "proposals: point-prompt grid rows per frame",
+    "pipeline.proposal_head_peaks": "proposals: extra prompts per object at the head's probability peaks",
+    "pipeline.proposal_min_score": "proposals: drop masks ranking below this (descriptor cosine + 0.2 x head prob)",
 }
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
     "pipeline.verify_refine_top_n": (0, 16),
     "pipeline.verify_candidates": (1, 16),
+    "pipeline.proposal_image_size": (64, 2048),
+    "pipeline.proposal_grid_x": (0, 64),
+    "pipeline.proposal_grid_y": (0, 64),
+    "pipeline.proposal_head_peaks": (0, 64),
+    "pipeline.proposal_min_score": (-2.0, 2.0),
 }
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
-_CORE_CHOICES = {"pipeline.modality": ("auto", "rgb", "rgbd")}
+_CORE_CHOICES = {"pipeline.modality": ("auto", "rgb", "rgbd"), "pipeline.segmenter": ("head", "proposals")}
 
 
 def core_param_specs() -> list[ParamSpec]:

@@ -1,0 +1,199 @@
+"""Stage 1 by MobileSAM proposals: prompts, NMS, descriptor ranking, frame cache, config wiring."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from osop_ros.core.config import load_config
+from osop_ros.core.proposals import (
+    ProposalConfig,
+    ProposalSegmenter,
+    grid_points,
+    image_key,
+    mask_nms,
+    probability_peaks,
+)
+from osop_ros.core.types import CameraIntrinsics, InvalidInputError, Observation
+from osop_ros.nets import mobile_sam
+from osop_ros.nets.tensors import mask_tensor, rgb_tensor
+
+needs_sam = pytest.mark.skipif(
+    importlib.util.find_spec(mobile_sam.PACKAGE_MODULE) is None,
+    reason=f"{mobile_sam.REQUIREMENT} (the MobileSAM checkpoint) is not installed",
+)
+
+H, W = 240, 320
+RED, BLUE = (220, 40, 40), (40, 70, 210)  # the disk, the rectangle
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Textured background, a red disk and a blue rectangle -> (rgb, disk mask, rect mask)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:H, :W]
+    bg = 110 + 25 * (np.sin(xx / 3.0) * np.cos(yy / 5.0))[..., None] + rng.normal(0, 12, (H, W, 3))
+    bg *= np.array([0.9, 1.0, 0.8])
+    disk = (xx - 90) ** 2 + (yy - 120) ** 2 < 45**2
+    rect = (xx >= 185) & (xx < 285) & (yy >= 60) & (yy < 190)
+    bg[disk], bg[rect] = RED, BLUE
+    return np.clip(bg, 0, 255).astype(np.uint8), disk, rect
+
+
+class ColourShape(torch.nn.Module):
+    """Descriptor stand-in keeping spatial layout, as the real one: masked colour pooled on a 4x4 grid, (N, 48)."""
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.float()
+        return torch.nn.functional.adaptive_avg_pool2d(rgb * m + m, 4).flatten(1)
+
+
+class FakeMatcher:
+    """The two things the proposals use of a TemplateMatcher: ``net``/``device`` and ``bank_embeddings``.
+
+    The "template" of an object is its crop in the scene, framed as a query crop.
+    """
+
+    def __init__(self) -> None:
+        self.net, self.device = ColourShape(), torch.device("cpu")
+
+    def bank_embeddings(self, obj: dict) -> torch.Tensor:
+        from osop_ros.core.geometry import CropBox, mask_to_box
+
+        rgb, m = obj["rgb"], obj["mask"]
+        box = CropBox.from_box(mask_to_box(m), pad=1.2)
+        crop, mc = box.apply(rgb, 64)[None], box.apply(m.astype(np.uint8), 64)[None].astype(np.float32)
+        return self.net(rgb_tensor(crop, self.device), mask_tensor(mc, self.device))
+
+
+class FlatHead:
+    """Head stand-in: a flat probability map (counts its calls)."""
+
+    def __init__(self, value: float = 0.1) -> None:
+        self.value, self.calls = value, 0
+
+    def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+        self.calls += 1
+        return np.full(obs.rgb.shape[:2], self.value, np.float32)
+
+
+def _obs(rgb: np.ndarray) -> Observation:
+    return Observation(rgb, CameraIntrinsics(300.0, 300.0, W / 2, H / 2, W, H))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_grid_points_are_cell_centres() -> None:
+    pts = grid_points(320, 240, 4, 2)
+    assert pts.shape == (8, 2)
+    assert np.allclose(pts[0], (40, 60)) and np.allclose(pts[-1], (280, 180))
+
+
+def test_probability_peaks_finds_the_blobs_above_threshold() -> None:
+    prob = np.zeros((H, W), np.float32)
+    prob[100:140, 60:120] = 0.9
+    prob[20:40, 250:290] = 0.5
+    prob[200:220, 20:40] = 0.1  # below min_prob
+    pts = probability_peaks(prob, k=5, min_prob=0.3)
+    assert 2 <= len(pts) <= 5
+    assert 60 <= pts[0, 0] <= 120 and 100 <= pts[0, 1] <= 140  # the strongest peak first
+    assert not any(p[1] > 190 for p in pts)
+    assert len(probability_peaks(prob, k=0, min_prob=0.3)) == 0
+
+
+def test_mask_nms_drops_duplicates_keeps_distinct() -> None:
+    m = torch.zeros(3, 20, 20, dtype=torch.bool)
+    m[0, 2:10, 2:10] = True
+    m[1, 2:10, 2:11] = True  # near-duplicate of 0
+    m[2, 12:18, 12:18] = True
+    keep = mask_nms(m, torch.tensor([0.5, 0.9, 0.1]), iou=0.7).tolist()
+    assert keep == [1, 2]
+    assert len(mask_nms(m[:0], torch.zeros(0), 0.7)) == 0
+
+
+def test_image_key_changes_with_content() -> None:
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    assert image_key(a) == image_key(b)
+    b[0, 0, 0] = 1
+    assert image_key(a) != image_key(b)
+
+
+def test_proposal_config_rejects_no_prompts() -> None:
+    with pytest.raises(InvalidInputError, match="prompts"):
+        ProposalConfig(grid=(0, 0), head_peaks=0)
+
+
+def test_pipeline_config_validates_segmenter_keys() -> None:
+    assert load_config({"pipeline": {"segmenter": "proposals"}}).pipeline.segmenter == "proposals"
+    with pytest.raises(InvalidInputError, match="segmenter"):
+        load_config({"pipeline": {"segmenter": "sam"}})
+    with pytest.raises(InvalidInputError, match="proposal_image_size"):
+        load_config({"pipeline": {"proposal_image_size": 500}})
+
+
+@pytest.fixture(scope="module")
+def sam() -> torch.nn.Module:
+    return mobile_sam.MobileSAM.from_package(image_size=512)
+
+
+@needs_sam
+def test_descriptor_ranking_picks_the_queried_object(sam: torch.nn.Module) -> None:
+    rgb, disk, rect = _scene()
+    head = FlatHead()
+    seg = ProposalSegmenter(head, sam, FakeMatcher(), ProposalConfig(image_size=512, grid=(6, 4), head_peaks=0))
+    obs = _obs(rgb)
+    red = seg(obs, {"rgb": rgb, "mask": disk})
+    blue = seg(obs, {"rgb": rgb, "mask": rect})
+    assert red and blue
+    assert _iou(red[0].mask, disk) > 0.8, _iou(red[0].mask, disk)
+    assert _iou(blue[0].mask, rect) > 0.8, _iou(blue[0].mask, rect)
+    r = red[0]
+    assert r.box is not None and r.prob.shape == (H, W) and r.mask.dtype == bool
+    assert r.score == pytest.approx(0.1, abs=1e-4)  # seg score = mean head probability in the mask
+    assert r.rank_score is not None and r.rank_score >= max(x.rank_score for x in red)
+    assert len(red) <= seg.cfg.max_results and head.calls == 2
+
+
+@needs_sam
+def test_frame_cache_embeds_once_per_image(sam: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    rgb, disk, rect = _scene()
+    calls = []
+    real = sam.embed_image
+
+    def counting(img: np.ndarray):  # noqa: ANN202
+        calls.append(1)
+        return real(img)
+
+    monkeypatch.setattr(sam, "embed_image", counting)
+    seg = ProposalSegmenter(FlatHead(), sam, FakeMatcher(), ProposalConfig(image_size=512, grid=(3, 2), head_peaks=0))
+    seg(_obs(rgb), {"rgb": rgb, "mask": disk})
+    seg(_obs(rgb.copy()), {"rgb": rgb, "mask": rect})  # same content, another array
+    assert len(calls) == 1
+    other = rgb.copy()
+    other[0, 0] = 0
+    seg(_obs(other), {"rgb": rgb, "mask": disk})
+    assert len(calls) == 2
+
+
+@needs_sam
+def test_head_peaks_prompt_and_min_score_rejects(sam: torch.nn.Module) -> None:
+    rgb, disk, _ = _scene()
+
+    class DiskHead(FlatHead):
+        def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+            return disk.astype(np.float32) * 0.9
+
+    only_peaks = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4)
+    res = ProposalSegmenter(DiskHead(), sam, FakeMatcher(), only_peaks)(_obs(rgb), {"rgb": rgb, "mask": disk})
+    assert res and _iou(res[0].mask, disk) > 0.8
+    assert res[0].score > 0.8  # the head agrees with the mask
+    strict = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4, min_score=5.0)
+    assert ProposalSegmenter(DiskHead(), sam, FakeMatcher(), strict)(_obs(rgb), {"rgb": rgb, "mask": disk}) == []
+    flat = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4)
+    no_peaks = ProposalSegmenter(FlatHead(0.1), sam, FakeMatcher(), flat)
+    assert no_peaks(_obs(rgb), {"rgb": rgb, "mask": disk}) == []  # a flat head map has no peaks >= 0.3
