@@ -118,8 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-icp", action="store_true")
     p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
                    help="stage 1 (default: pipeline.segmenter of the demo config)")
-    p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 8,6)")
-    p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 8)")
+    p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 4,3)")
+    p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
     p.add_argument("--segment-weights", default="", help="stage-1 head checkpoint (default: the shipped one)")
     p.add_argument("--out", default="out/bench")
     p.set_defaults(func=_run)

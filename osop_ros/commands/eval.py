@@ -172,8 +172,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--segmenter", choices=("head", "proposals"), default="head",
                    help="stage 1: the OSOP head (mask prob >= 0.5) or MobileSAM proposals ranked by descriptors")
     q.add_argument("--proposal-grid", type=_int_list, default=None, metavar="GX,GY",
-                   help="proposals: grid of point prompts (default 8,6)")
-    q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 8)")
+                   help="proposals: grid of point prompts (default 4,3)")
+    q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
     q.add_argument("--proposal-image-size", type=int, default=None, help="proposals: MobileSAM input side (512)")
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)

@@ -139,9 +139,9 @@ class PipelineConfig:
     depth_seg: bool = True
     segmenter: str = "head"  # head | proposals
     proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
-    proposal_grid_x: int = 8
-    proposal_grid_y: int = 6
-    proposal_head_peaks: int = 8
+    proposal_grid_x: int = 4
+    proposal_grid_y: int = 3
+    proposal_head_peaks: int = 4
     proposal_min_score: float = 0.0
 
     def __post_init__(self) -> None:

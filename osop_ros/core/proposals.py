@@ -47,8 +47,8 @@ class ProposalConfig:
     """
 
     image_size: int = 512
-    grid: tuple[int, int] = (8, 6)
-    head_peaks: int = 8
+    grid: tuple[int, int] = (4, 3)
+    head_peaks: int = 4
     peak_min_prob: float = 0.3
     min_pred_iou: float = 0.5
     min_stability: float = 0.0
