@@ -178,12 +178,12 @@ class ProposalSegmenter:
             lg, io = self.sam.predict(frame.image, pts, np.ones(pts.shape[:2], np.int64), multimask=True)
             logits.append(lg.flatten(0, 1))
             ious.append(io.flatten())
-        lg, io = torch.cat(logits), torch.cat(ious)
-        g = lg.shape[-1]
+        raw, io = torch.cat(logits), torch.cat(ious)
+        g = raw.shape[-1]
         img = frame.image
         vh = max(1, round(img.resized_hw[0] * g / self.sam.image_size))
         vw = max(1, round(img.resized_hw[1] * g / self.sam.image_size))
-        lg = lg[:, :vh, :vw]  # the image inside the padded square
+        lg = raw[:, :vh, :vw]  # the image inside the padded square
         hi, lo = lg > 1.0, lg > -1.0
         stability = hi.flatten(1).sum(1).float() / lo.flatten(1).sum(1).float().clamp(min=1.0)
         m = lg > 0.0
@@ -194,9 +194,7 @@ class ProposalSegmenter:
         if len(idx) == 0:
             return self._empty(H, W)
         keep = idx[mask_nms(m[idx], io[idx], c.nms_iou)]
-        full = F.interpolate(lg[keep, None], img.resized_hw, mode="bilinear", align_corners=False)
-        full = F.interpolate(full, (H, W), mode="bilinear", align_corners=False)[:, 0] > 0.0
-        masks = full.cpu().numpy()
+        masks = (self.sam.upscale(img, raw[keep, None])[:, 0] > 0.0).cpu().numpy()
         nonempty = masks.reshape(len(masks), -1).any(1)
         masks = masks[nonempty]
         if len(masks) == 0:
