@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "osop_ros.commands.heldout",
     "osop_ros.commands.train",
     "osop_ros.commands.eval",
+    "osop_ros.commands.calibrate",
     "osop_ros.commands.estimate",
     "osop_ros.commands.demo",
     "osop_ros.commands.bench",

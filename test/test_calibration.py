@@ -122,3 +122,40 @@ def test_label_estimates_one_to_one_and_symmetric() -> None:
     assert labels[2][0] == pytest.approx(0.02 / 0.11) and not labels[2][1]
     assert label_estimates(frame, 1, [make_T(np.eye(3), (1.0, 0, 0.5))], [1.0], obj) == [(None, False)]
     assert label_estimates(frame, 3, [T], [1.0], obj) == [(None, False)]  # no GT of that object
+
+
+def _write_run(tmp_path, name: str, recs: list[dict], n_targets: int):
+    import json
+
+    feats = tmp_path / f"{name}.features.jsonl"
+    feats.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summ = tmp_path / f"{name}.json"
+    summ.write_text(json.dumps({"dataset": {"root": str(tmp_path / name)}, "modality": "rgbd",
+                                "features_jsonl": str(feats), "published": {"n_targets": n_targets},
+                                "pipeline": {"segmenter": "proposals"}, "weights_digest": "x"}))
+    return summ
+
+
+def test_calibrate_command_fits_on_several_runs_and_checks_another(tmp_path, capsys) -> None:
+    from osop_ros.cli import main
+
+    a = _write_run(tmp_path, "style_a", _records(600, seed=1), 600)
+    b = _write_run(tmp_path, "style_b", _records(600, seed=2), 600)
+    c = _write_run(tmp_path, "style_c", _records(400, seed=3), 400)
+    out = tmp_path / "cal.yaml"
+    assert main(["calibrate", "--fit", str(a), str(b), "--out", str(out), "--check", str(c),
+                 "--threshold", "0.5", "--json", str(tmp_path / "rep.json")]) == 0
+    text = capsys.readouterr().out
+    assert "fit rgbd: n=1200" in text and "check style_c" in text
+    cal = ScoreCalibration.load(out)
+    assert cal.meta["fitted_on"]["rgbd"]["segmenter"] == ["proposals"]
+    import json
+
+    rep = json.loads((tmp_path / "rep.json").read_text())["check"][str(c)]
+    # the records follow a known logistic: at P >= 0.5 most published poses are right, absent ones are not
+    assert rep["precision"] > 0.7 and rep["auc"] > 0.8 and rep["n_published"] > 50
+    # checking the saved file alone gives the same numbers
+    assert main(["calibrate", "--calibration", str(out), "--check", str(c), "--threshold", "0.5"]) == 0
+    assert f"published {rep['n_published']} " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--check", str(c)])  # neither --fit nor --calibration

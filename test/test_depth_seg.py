@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import trimesh
@@ -69,8 +71,9 @@ def test_refine_removes_table_and_neighbour_and_drops_table_only_masks(table_sce
     bleed = cv2.dilate(cube.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) & (table | cube | small)
     seg = _seg(bleed)
     assert _iou(bleed, cube) < 0.7
-    r, info = refine_mask(seg, depth, K)
+    r, info = refine_mask(dataclasses.replace(seg, rank_score=0.7, rank_margin=0.1), depth, K)
     assert r is not None and info["plane_inlier_frac_of_mask"] > 0.1
+    assert (r.rank_score, r.rank_margin) == (0.7, 0.1)  # the proposal ranking stays with the refined mask
     assert _iou(r.mask, cube) > 0.85, _iou(r.mask, cube)
     # a partial mask grows inside the cube's cluster, not onto the table
     part = cube.copy()

@@ -165,6 +165,8 @@ def test_build_pipeline_with_proposal_segmenter(tmp_path: Path, tiny_weights: Pa
     for est in pipe(scene.obs):  # random weights: any outcome, but well-formed
         assert est.T_cam_obj.shape == (4, 4) and 0.0 <= est.score <= 1.0
         assert isinstance(est.diagnostics["seg_rank_score"], float)
+        if "verify" in est.diagnostics:  # the ranking reaches the verification features (seg_rank)
+            assert est.diagnostics["verify"]["seg_rank"] == pytest.approx(est.diagnostics["seg_rank_score"])
 
 
 def test_cli_estimate_writes_poses_and_overlay(tmp_path: Path, tiny_weights: Path) -> None:

@@ -156,6 +156,10 @@ def test_descriptor_ranking_picks_the_queried_object(sam: torch.nn.Module) -> No
     assert r.box is not None and r.prob.shape == (H, W) and r.mask.dtype == bool
     assert r.score == pytest.approx(0.1, abs=1e-4)  # seg score = mean head probability in the mask
     assert r.rank_score is not None and r.rank_score >= max(x.rank_score for x in red)
+    if len(red) > 1:  # margin = own ranking score minus the best other candidate's
+        assert r.rank_margin == pytest.approx(r.rank_score - red[1].rank_score, abs=1e-5)
+        assert red[1].rank_margin == pytest.approx(red[1].rank_score - r.rank_score, abs=1e-5)
+    assert r.rank_margin is not None and r.rank_margin >= 0.0
     assert len(red) <= seg.cfg.max_results and head.calls == 2
 
 

@@ -54,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg["pipeline"].update(proposal_grid_x=gx, proposal_grid_y=gy)
     if args.proposal_peaks is not None:
         cfg["pipeline"]["proposal_head_peaks"] = args.proposal_peaks
+    if args.proposal_image_size is not None:
+        cfg["pipeline"]["proposal_image_size"] = args.proposal_image_size
     if args.segment_weights:
         cfg["weights"] = {"segment": args.segment_weights}
     report["segmenter"] = args.segmenter or "config default"
@@ -120,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stage 1 (default: pipeline.segmenter of the demo config)")
     p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 4,3)")
     p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
+    p.add_argument("--proposal-image-size", type=int, default=None,
+                   help="proposals: MobileSAM input side in pixels (default 512)")
     p.add_argument("--segment-weights", default="", help="stage-1 head checkpoint (default: the shipped one)")
     p.add_argument("--out", default="out/bench")
     p.set_defaults(func=_run)

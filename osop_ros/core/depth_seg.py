@@ -19,6 +19,7 @@ support plane explains most of it (then the instance is dropped: it was the tabl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -170,7 +171,8 @@ def refine_mask(
     full = np.zeros_like(seg.mask)
     full[by0:by1, bx0:bx1] = grown
     score = float(seg.prob[full].mean()) if full.any() else seg.score
-    return SegmentationResult(full, seg.prob, mask_to_box(full), score), info
+    # the segmenter's ranking of the candidate (proposals) stays with it
+    return dataclasses.replace(seg, mask=full, box=mask_to_box(full), score=score), info
 
 
 class DepthMaskRefiner:

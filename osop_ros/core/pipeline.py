@@ -180,6 +180,8 @@ class Pipeline:
         diag: dict = {"mask_area": int(seg.mask.sum()), "seg_score": float(seg.score)}
         if seg.rank_score is not None:
             diag["seg_rank_score"] = float(seg.rank_score)
+        if seg.rank_margin is not None:
+            diag["seg_rank_margin"] = float(seg.rank_margin)
         t = time.perf_counter()
         match = self.matcher(obs, seg, obj)
         timings["match"] = time.perf_counter() - t
@@ -238,7 +240,8 @@ class Pipeline:
         def extra(h: PoseHypothesis) -> dict[str, float]:
             i = int(h.info.get("corr_set", 0))
             ms = float(match_scores[i]) if 0 <= i < len(match_scores) else float("nan")
-            return {"seg_score": float(seg.score), "match_score": ms}
+            return {"seg_score": float(seg.score), "match_score": ms, "seg_rank": _num(seg.rank_score),
+                    "seg_margin": _num(seg.rank_margin)}
 
         uses_depth = getattr(self.solver, "uses_depth", None)
         depth_used = obs.depth is not None and (uses_depth is None or uses_depth(obs))
@@ -270,6 +273,11 @@ class Pipeline:
             "score_calibrated": p is not None,
         })
         return sel.hypothesis, float(sel.verification.raw if p is None else p)
+
+
+def _num(v: float | None) -> float:
+    """``v`` as a float, NaN for None (a feature the segmenter does not provide)."""
+    return float("nan") if v is None else float(v)
 
 
 def _drop_duplicates(estimates: list[PoseEstimate], diameter: float) -> list[PoseEstimate]:

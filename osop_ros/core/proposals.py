@@ -245,7 +245,9 @@ class ProposalSegmenter:
             keep = mask_nms(torch.from_numpy(masks), torch.from_numpy(score), c.nms_iou).numpy()
         else:
             keep = np.argsort(-score)
-        keep = [i for i in keep if score[i] >= c.min_score][: c.max_results]
+        distinct = [int(i) for i in keep]
+        margin = {i: float(score[i] - max((score[j] for j in distinct if j != i), default=np.nan)) for i in distinct}
+        keep = [i for i in distinct if score[i] >= c.min_score][: c.max_results]
         return [
             SegmentationResult(
                 mask=masks[i],
@@ -253,6 +255,7 @@ class ProposalSegmenter:
                 box=mask_to_box(masks[i]),
                 score=float(head_mean[i]),
                 rank_score=float(score[i]),
+                rank_margin=None if margin[i] != margin[i] else margin[i],
             )
             for i in keep
         ]

@@ -202,6 +202,8 @@ class SegmentationResult:
     score: mean foreground probability inside ``mask`` (0 if empty).
     rank_score: the segmenter's ranking score when it is not ``score`` (proposals: descriptor cosine
                 + weighted head probability), else None.
+    rank_margin: ``rank_score`` minus the best ranking score of the segmenter's other candidate masks
+                 (after de-duplication; how distinct this mask is), None when not ranked or alone.
     """
 
     mask: np.ndarray
@@ -209,6 +211,7 @@ class SegmentationResult:
     box: tuple[int, int, int, int] | None
     score: float
     rank_score: float | None = None
+    rank_margin: float | None = None
 
 
 @dataclass

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 FEATURE_NAMES = (
     "raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "depth_inlier", "depth_behind",
-    "occluded", "depth_valid", "seg_score", "match_score",
+    "occluded", "depth_valid", "seg_score", "match_score", "seg_rank", "seg_margin",
 )
 """Every feature a :class:`Verification` carries (``depth_*``/``occluded`` are NaN without depth)."""
 

@@ -33,6 +33,9 @@ MODEL_FEATURES: dict[str, tuple[str, ...]] = {
     "rgb": ("raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "seg_score",
             "match_score"),
 }
+# ``seg_rank`` / ``seg_margin`` (proposal ranking, also verification features) are left out: fitted on
+# two styles of our generator their coefficients were ~0 and heldout_b precision did not improve
+# (docs/results.md, session 8).
 CRITERION = f"correct = MSSD < {CORRECT_MSSD_FRAC} x diameter (symmetry-aware); poses of absent objects are wrong"
 
 
@@ -294,3 +297,62 @@ def plot_precision_recall(
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+# ----------------------------------------------------------------------------------------------
+# Several runs: fit on more than one dataset, check a calibration on runs it was not fitted on
+# ----------------------------------------------------------------------------------------------
+
+
+def load_run(summary_json: str | Path) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+    """(records, n_targets, summary) of one ``osop eval`` run from its JSON summary (the features
+    JSONL it names, else the one next to it)."""
+    path = Path(summary_json)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        feats = Path(summary.get("features_jsonl") or path.with_suffix(".features.jsonl"))
+        if not feats.is_file():
+            feats = path.with_suffix(".features.jsonl")
+        records = read_records([feats])
+        n_targets = int(summary["published"]["n_targets"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{path}: not an `osop eval` summary with its features JSONL ({exc})") from exc
+    return records, n_targets, summary
+
+
+def merge_runs(runs: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Records of several runs as one list; scene ids are made distinct per run (cross-validation
+    leaves one scene of one run out)."""
+    out = []
+    for k, recs in enumerate(runs):
+        out.extend({**r, "scene_id": k * 1_000_000 + int(r.get("scene_id", 0))} for r in recs)
+    return out
+
+
+def rescore(records: Sequence[dict[str, Any]], calibration: ScoreCalibration) -> list[dict[str, Any]]:
+    """Records with ``score`` replaced by ``calibration``'s P(correct) of their features (estimates
+    only; records without an estimate, fit-only ones and modalities without a model are unchanged)."""
+    out = []
+    for r in records:
+        if r.get("score") is not None and r.get("features") and r.get("modality") in calibration.models:
+            r = {**r, "score": calibration.probability(r["features"], r["modality"])}
+        out.append(r)
+    return out
+
+
+def check_run(
+    records: Sequence[dict[str, Any]], n_targets: int, calibration: ScoreCalibration, threshold: float
+) -> dict[str, Any]:
+    """Published precision / recall / absent no-pose rate at ``threshold`` and the AUC of the scores,
+    with ``calibration`` applied offline to one run's estimates."""
+    scored = rescore(records, calibration)
+    pres = [r for r in scored if r.get("score") is not None and not r.get("fit_only")]
+    stats = published_stats(scored, n_targets, threshold)
+    keep = ("n_targets", "n_estimates", "n_published", "n_correct", "precision", "recall", "absent_no_pose_rate",
+            "precision_with_absent")
+    return {
+        **{k: _round(stats[k]) for k in keep},
+        "threshold": threshold,
+        "auc": _round(auc([r["score"] for r in pres], [bool(r["correct"]) for r in pres])),
+        "threshold_for_precision_0.9": choose_threshold(scored, n_targets),
+    }
