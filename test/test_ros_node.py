@@ -282,7 +282,12 @@ def test_duplicate_stamp(rig: Rig) -> None:
     rig.cam.publish(*F.make_frame(last, u=10, v=10))
     assert F.wait_for(lambda: rig.node.counters["warn.stamps"] > dup_before, 3.0)
     time.sleep(0.15)
-    assert rig.cam.pose_stamps("cube").count(last) == 1
+    # the first frame with this stamp may itself have been dropped busy (the pose that ended
+    # expect_pose can belong to an earlier frame), so: at most one pose, and never the moved blob
+    assert rig.cam.pose_stamps("cube").count(last) <= 1
+    if last in rig.cam.pose_stamps("cube"):
+        pose = rig.cam.pose_for("cube", [last])
+        np.testing.assert_allclose(msg_to_T(pose.pose), F.expected_T(40, 20, 0.8), atol=1e-5)
     assert any("duplicate stamp" in m for _, m in rig.node.warnings)
     rig.expect_pose()
 
