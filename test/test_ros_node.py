@@ -274,20 +274,28 @@ def test_pipeline_exception(rig: Rig) -> None:
     rig.expect_pose()
 
 
+def _own_pose_stamp(rig: Rig, tries: int = 20) -> int:
+    """Send good frames one at a time until one gets its own pose; returns its stamp (the node's newest).
+
+    The pose that ends ``expect_pose`` can belong to an earlier frame than the last one sent (which may
+    be dropped busy), so a test that repeats "the processed stamp" needs this one."""
+    for _ in range(tries):
+        st = rig.cam.next_stamp()
+        rig.cam.publish(*rig.good(st))
+        if F.wait_for(lambda st=st: st in rig.cam.pose_stamps("cube"), 2.0):
+            return st
+    raise AssertionError(f"no frame got its own pose in {tries} tries")
+
+
 def test_duplicate_stamp(rig: Rig) -> None:
-    sent, _ = rig.expect_pose()
-    last = sent[-1]
+    rig.expect_pose()
+    last = _own_pose_stamp(rig)
     dup_before = rig.node.counters["warn.stamps"]
     # same stamp again, blob moved: must be dropped (no second pose with this stamp, no moved pose)
     rig.cam.publish(*F.make_frame(last, u=10, v=10))
     assert F.wait_for(lambda: rig.node.counters["warn.stamps"] > dup_before, 3.0)
     time.sleep(0.15)
-    # the first frame with this stamp may itself have been dropped busy (the pose that ended
-    # expect_pose can belong to an earlier frame), so: at most one pose, and never the moved blob
-    assert rig.cam.pose_stamps("cube").count(last) <= 1
-    if last in rig.cam.pose_stamps("cube"):
-        pose = rig.cam.pose_for("cube", [last])
-        np.testing.assert_allclose(msg_to_T(pose.pose), F.expected_T(40, 20, 0.8), atol=1e-5)
+    assert rig.cam.pose_stamps("cube").count(last) == 1
     assert any("duplicate stamp" in m for _, m in rig.node.warnings)
     rig.expect_pose()
 
