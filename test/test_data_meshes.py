@@ -185,9 +185,12 @@ def test_library_output(library: tuple[Path, dict], fake_tree: Path) -> None:
         assert SMALL.min_faces <= len(model.faces) <= SMALL.max_faces * 1.2
         assert o["faces"] == len(model.faces)
     box = next(o for o in objs if o["source_path"] == "random_urdfs/000/000.obj")
-    assert "symmetries_discrete" in info[str(box["obj_id"])]
     cyl = next(o for o in objs if o["source_path"] == "random_urdfs/001/001.obj")
-    assert "symmetries_continuous" in info[str(cyl["obj_id"])]
+    assert box["shape_symmetric"] and cyl["shape_symmetric"]
+    for o, key in ((box, "symmetries_discrete"), (cyl, "symmetries_continuous")):
+        # models_info declares the appearance's symmetries: the shape's only under a uniform colouring
+        uniform = o["colour_mode"] == "uniform"
+        assert (key in info[str(o["obj_id"])]) == uniform == o["symmetric"]
     # the box keeps its orientation: longest side stays along x
     m = ObjectModel.load(out / "models" / f"obj_{box['obj_id']:06d}.ply", units="mm")
     assert np.argmax(m.extent) == 0 and np.argmin(m.extent) == 2

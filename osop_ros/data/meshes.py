@@ -14,7 +14,8 @@ Pipeline per source mesh (``MeshLibraryBuilder``):
    vertices split at sharp edges so boxes shade flat;
 5. colour (``SurfaceColorizer``): photo texture baked into vertex colours by triplanar projection, or a
    uniform colour with noise, or a few colour patches;
-6. symmetries (``detect_symmetries``): discrete/continuous rotational symmetries of the geometry (BOP keys);
+6. symmetries (``detect_symmetries``): discrete/continuous rotational symmetries of the geometry, written
+   to ``models_info`` (BOP keys) only for uniformly coloured objects, whose appearance they keep;
 7. output: ``DIR/models/obj_%06d.ply`` (millimetres, normals, vertex colours), ``DIR/models/models_info.json``
    and ``DIR/manifest.json`` (source, licence, scale, split train|val by object).
 """
@@ -644,6 +645,8 @@ class BuiltObject:
 
 
 PROCEDURAL_PACKAGE = "osop_ros.procedural"
+# the only colouring under which a geometric symmetry is also one of the appearance (train.prepare's rule)
+APPEARANCE_SYMMETRIC_MODE = "uniform"
 PROCEDURAL_LICENCE = "generated (project code)"
 
 
@@ -778,8 +781,9 @@ class MeshLibraryBuilder:
             "format": "osop_ros mesh library v1 (BOP models, millimetres)",
             "source_root": None if source_root is None else str(source_root),
             "source_package": self.source_package if source_root is not None else PROCEDURAL_PACKAGE,
-            "source_package_version": _package_version("pybullet") if self.source_package == "pybullet_data" else None,
-            "licence": self.licence,
+            "source_package_version": (_package_version("pybullet")
+                                       if source_root is not None and self.source_package == "pybullet_data" else None),
+            "licence": self.licence if source_root is not None else PROCEDURAL_LICENCE,
             "seed": seed,
             "val_fraction": val_fraction,
             "config": asdict(cfg),
@@ -805,11 +809,12 @@ class MeshLibraryBuilder:
         f = np.asarray(mesh.faces, dtype=np.int64)
         nrm = vertex_normals(v, f)
         colors, mode = self.colorizer(v, nrm, rng)
-        info, symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, models_dir)
+        info, symmetric, shape_symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, mode, models_dir)
         bo = BuiltObject(
             obj_id=obj_id, name=f"obj_{obj_id:06d}", source_package=self.source_package, source_path=cand.rel,
             licence=self.licence, original_name=cand.original_name, scale=scale, diameter_m=diam_mm / 1000.0,
             faces=len(f), vertices=len(v), colour_mode=mode, split=split, symmetric=symmetric,
+            extra={"shape_symmetric": shape_symmetric},
         )
         return bo, info
 
@@ -838,7 +843,8 @@ class MeshLibraryBuilder:
         else:
             colors, mode = self.colorizer(v, nrm, rng)
         extra["finish"] = "glossy" if rng.random() < pcfg.p_glossy else "matte"
-        info, symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, models_dir)
+        info, symmetric, shape_symmetric, diam_mm = self._write(obj_id, v, f, nrm, colors, mode, models_dir)
+        extra["shape_symmetric"] = shape_symmetric
         rel = f"procedural/{shape.group}_{index:06d}"
         bo = BuiltObject(
             obj_id=obj_id, name=f"obj_{obj_id:06d}", source_package=PROCEDURAL_PACKAGE, source_path=rel,
@@ -848,8 +854,15 @@ class MeshLibraryBuilder:
         return bo, info
 
     def _write(self, obj_id: int, v: np.ndarray, f: np.ndarray, nrm: np.ndarray, colors: np.ndarray,
-               models_dir: Path) -> tuple[dict[str, Any], bool, float]:
-        """Write the PLY (mm) and compute the models_info entry -> (info, symmetric, diameter in mm)."""
+               colour_mode: str, models_dir: Path) -> tuple[dict[str, Any], bool, bool, float]:
+        """Write the PLY (mm) and compute the models_info entry -> (info, symmetric, shape_symmetric,
+        diameter in mm).
+
+        ``models_info`` declares the symmetries of the object's *appearance* (BOP semantics: a pose
+        turned by one looks the same): the geometric ones (``detect_symmetries``) for uniformly coloured
+        objects only, none for photo, patch and label colourings, which break them. ``shape_symmetric``
+        records the geometry alone (manifest only).
+        """
         cfg = self.config
         write_ply(models_dir / f"obj_{obj_id:06d}.ply", v * 1000.0, f, nrm, colors)
         lo, hi = v.min(0) * 1000.0, v.max(0) * 1000.0
@@ -860,17 +873,19 @@ class MeshLibraryBuilder:
             "size_x": round(float(hi[0] - lo[0]), 4), "size_y": round(float(hi[1] - lo[1]), 4),
             "size_z": round(float(hi[2] - lo[2]), 4),
         }
-        symmetric = False
+        shape_symmetric = False
         if cfg.detect_symmetry:
             sym = detect_symmetries(v, f, seed=obj_id)
-            if sym.discrete:
-                info["symmetries_discrete"] = [_bop_sym(R) for R in sym.discrete]
-            if sym.continuous:
-                info["symmetries_continuous"] = [
-                    {"axis": [round(float(x), 6) for x in a], "offset": [0, 0, 0]} for a in sym.continuous[:1]
-                ]
-            symmetric = bool(sym.discrete or sym.continuous)
-        return info, symmetric, diam_mm
+            shape_symmetric = bool(sym.discrete or sym.continuous)
+            if colour_mode == APPEARANCE_SYMMETRIC_MODE:
+                if sym.discrete:
+                    info["symmetries_discrete"] = [_bop_sym(R) for R in sym.discrete]
+                if sym.continuous:
+                    info["symmetries_continuous"] = [
+                        {"axis": [round(float(x), 6) for x in a], "offset": [0, 0, 0]} for a in sym.continuous[:1]
+                    ]
+        symmetric = shape_symmetric and colour_mode == APPEARANCE_SYMMETRIC_MODE
+        return info, symmetric, shape_symmetric, diam_mm
 
 
 def _val_draw(n: int, val_fraction: float, seed: list[int]) -> np.ndarray:
