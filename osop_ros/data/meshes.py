@@ -645,7 +645,7 @@ class BuiltObject:
 
 
 PROCEDURAL_PACKAGE = "osop_ros.procedural"
-# the only colouring under which a geometric symmetry is also one of the appearance (train.prepare's rule)
+# the only colouring under which a geometric symmetry is also one of the appearance (also train.prepare's rule)
 APPEARANCE_SYMMETRIC_MODE = "uniform"
 PROCEDURAL_LICENCE = "generated (project code)"
 
@@ -873,18 +873,17 @@ class MeshLibraryBuilder:
             "size_x": round(float(hi[0] - lo[0]), 4), "size_y": round(float(hi[1] - lo[1]), 4),
             "size_z": round(float(hi[2] - lo[2]), 4),
         }
-        shape_symmetric = False
+        shape_symmetric = symmetric = False
         if cfg.detect_symmetry:
             sym = detect_symmetries(v, f, seed=obj_id)
             shape_symmetric = bool(sym.discrete or sym.continuous)
-            if colour_mode == APPEARANCE_SYMMETRIC_MODE:
-                if sym.discrete:
-                    info["symmetries_discrete"] = [_bop_sym(R) for R in sym.discrete]
-                if sym.continuous:
-                    info["symmetries_continuous"] = [
-                        {"axis": [round(float(x), 6) for x in a], "offset": [0, 0, 0]} for a in sym.continuous[:1]
-                    ]
-        symmetric = shape_symmetric and colour_mode == APPEARANCE_SYMMETRIC_MODE
+            symmetric = shape_symmetric and colour_mode == APPEARANCE_SYMMETRIC_MODE
+            if symmetric and sym.discrete:
+                info["symmetries_discrete"] = [_bop_sym(R) for R in sym.discrete]
+            if symmetric and sym.continuous:
+                info["symmetries_continuous"] = [
+                    {"axis": [round(float(x), 6) for x in a], "offset": [0, 0, 0]} for a in sym.continuous[:1]
+                ]
         return info, symmetric, shape_symmetric, diam_mm
 
 

@@ -34,6 +34,7 @@ from osop_ros.core.geometry import (
 from osop_ros.core.mesh import ObjectModel
 from osop_ros.core.render import Renderer
 from osop_ros.core.templates import TemplateConfig, render_view
+from osop_ros.data.meshes import APPEARANCE_SYMMETRIC_MODE
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def visual_symmetry_rotations(model: ObjectModel, colour_mode: str) -> np.ndarra
     their geometric symmetries, so they get the identity only. Continuous symmetries: 10 deg steps.
     """
     out = np.tile(np.eye(3, dtype=np.float32), (MAX_SYM, 1, 1))
-    if colour_mode != "uniform" or not model.symmetries.is_symmetric:
+    if colour_mode != APPEARANCE_SYMMETRIC_MODE or not model.symmetries.is_symmetric:
         return out
     Ts = symmetry_transforms(model.symmetries, max_step_rad=np.radians(10.0))[:MAX_SYM]
     out[: len(Ts)] = np.stack([T[:3, :3] for T in Ts])
