@@ -231,9 +231,11 @@ def test_shipped_calibration_is_well_formed() -> None:
     # roughly the medians of correct / wrong RGB-D estimates on synth_val (docs/results.md)
     good = {"raw": 0.9, "iou": 0.88, "mask_recall": 1.0, "mask_precision": 0.9, "edge": 0.85, "texture_edge": 0.6,
             "color": 0.85, "depth_inlier": 0.98, "depth_behind": 0.02, "occluded": 0.0, "depth_valid": 1.0,
-            "seg_score": 0.9, "match_score": 0.75}
+            "seg_score": 0.9, "match_score": 0.75, "flip_margin": 0.2}
     bad = {**good, "raw": 0.4, "iou": 0.36, "mask_recall": 0.6, "edge": 0.2, "texture_edge": 0.08, "depth_inlier": 0.68,
-           "depth_behind": 0.32}
+           "depth_behind": 0.32, "flip_margin": 0.0}
+    if cal.uses("flip_margin", "rgbd"):  # a pose whose flip explains the image as well is not sure
+        assert cal.probability({**good, "flip_margin": 0.0}, "rgbd") < cal.probability(good, "rgbd")
     assert cal.probability(good, "rgbd") > 0.5 > 0.05 > cal.probability(bad, "rgbd")
     if cal.models["rgb"].features:
         assert cal.probability(good, "rgb") > cal.probability(bad, "rgb")
@@ -338,3 +340,73 @@ def test_solver_propose_then_refine_matches_call(scene) -> None:
     assert np.allclose(ref.T_cam_obj, full[0].T_cam_obj, atol=1e-9)
     assert rotation_angle_deg(ref.T_cam_obj[:3, :3], T[:3, :3]) < 1.0
     assert solver.refine(Observation(scene["rgb"], CAM, None), scene["seg"], props[0], obj) is None
+
+
+def test_flip_margins_follow_the_flip_group(scene) -> None:
+    """Member ``a`` composed with flip ``i`` is the member :func:`flip_margins` assumes (checked on the real
+    flips of the example model), and the margins are raw minus the best non-symmetric alternative."""
+    from osop_ros.core.verify import flip_margins, model_flips
+
+    T, obj = scene["T"], scene["obj"]
+    flips = model_flips(obj)
+    members = [T] + [T @ F for F in flips]
+    rng = np.random.default_rng(3)
+    for nonsym in ([0, 1, 2], [0, 2], [1], []):
+        raws = rng.random(4).tolist()
+        got = flip_margins(raws, nonsym)
+        for a, Pa in enumerate(members):
+            alts = []
+            for i in nonsym:
+                (b,) = [k for k, Pk in enumerate(members) if np.allclose(Pa @ flips[i], Pk, atol=1e-9)]
+                alts.append(raws[b])
+            if alts:
+                assert got[a] == pytest.approx(raws[a] - max(alts))
+            else:
+                assert math.isnan(got[a])
+    assert flip_margins([0.9, 0.5, 0.85, 0.3], [0, 1, 2])[0] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="3 flips"):
+        flip_margins([0.9, 0.5], [0])
+
+
+def test_nonsymmetric_flips_skip_declared_symmetries(scene) -> None:
+    from osop_ros.core.verify import model_flips, nonsymmetric_flips
+
+    model = scene["model"]
+    flips = model_flips(OnboardedObject("a", model, bank=None, sym_Ts=[np.eye(4)]))  # type: ignore[arg-type]
+    cases = {(): [0, 1, 2], (1,): [0, 2], (0, 1, 2): []}
+    for declared, expected in cases.items():
+        obj = OnboardedObject("b", model, bank=None,  # type: ignore[arg-type]
+                              sym_Ts=[np.eye(4)] + [flips[i] for i in declared])
+        assert nonsymmetric_flips(obj) == expected
+    # a symmetry that is a flip only to within a few millimetres still counts (tolerance 0.1 x diameter)
+    nudged = make_T(flips[2][:3, :3], flips[2][:3, 3] + np.array([0.002, 0.0, 0.0]))
+    obj = OnboardedObject("c", model, bank=None, sym_Ts=[np.eye(4), nudged])  # type: ignore[arg-type]
+    assert nonsymmetric_flips(obj) == [0, 1]
+
+
+def test_pipeline_flip_margin_only_when_the_calibration_reads_it(scene) -> None:
+    st = StubStages(scene)
+    obs = Observation(scene["rgb"], CAM, scene["depth"])
+    obj = OnboardedObject("example", scene["model"], bank=None, sym_Ts=[np.eye(4)])  # type: ignore[arg-type]
+    with_flip = ScoreCalibration({"rgbd": PlattModel(["raw", "flip_margin"], [0.5, 0.0], [0.2, 0.1], [1.0, 3.0], 0.0)})
+    assert with_flip.uses("flip_margin", "rgbd") and not with_flip.uses("flip_margin", "rgb")
+    assert not _calibration().uses("flip_margin", "rgbd")
+    pipe = Pipeline([obj], st.segment, st.match, st.correspond, st, verifier=Verifier(), calibration=_calibration(),
+                    refine_top_n=1)
+    try:
+        d = pipe(obs)[0].diagnostics
+        assert d["verify"].get("flip_margin") is None and "verify_flips" not in d
+        pipe.calibration = with_flip
+        e = pipe(obs)[0]
+        d = e.diagnostics
+        # the true pose of an asymmetric model: every upside-down twin explains the image worse
+        assert np.allclose(e.T_cam_obj, scene["T"]) and d["verify"]["flip_margin"] > 0.05
+        assert e.score == pytest.approx(with_flip.probability(d["verify"], "rgbd"))
+        assert "verify_flips" not in d
+        pipe.verifier.config.report_flips = True  # eval: the flips as hard negatives, with their own margins
+        d2 = pipe(obs)[0].diagnostics
+        assert len(d2["verify_flips"]) == 3
+        assert d2["verify"]["flip_margin"] == pytest.approx(d["verify"]["flip_margin"])
+        assert all(f["features"]["flip_margin"] < 0 for f in d2["verify_flips"])
+    finally:
+        pipe.verifier.release()

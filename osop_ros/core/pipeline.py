@@ -223,7 +223,7 @@ class Pipeline:
         timings: dict[str, float],
     ) -> tuple[PoseHypothesis, float]:
         """Verified best hypothesis (ICP-refined when the solver can) and its published score."""
-        from osop_ros.core.verify import model_flips, select_hypothesis
+        from osop_ros.core.verify import flip_margins, model_flips, nonsymmetric_flips, select_hypothesis
 
         assert self.verifier is not None
         t = time.perf_counter()
@@ -247,21 +247,32 @@ class Pipeline:
         depth_used = obs.depth is not None and (uses_depth is None or uses_depth(obs))
         vobs = obs if depth_used else Observation(obs.rgb, obs.camera, None)
         vc = self.verifier.config
-        flips = model_flips(obj) if (vc.flip_top_n > 0 or vc.report_flips) else []
+        modality = "rgbd" if depth_used else "rgb"
+        need_margin = self.calibration is not None and self.calibration.uses("flip_margin", modality)
+        flips = model_flips(obj) if (vc.flip_top_n > 0 or vc.report_flips or need_margin) else []
         sel = select_hypothesis(self.verifier, vobs, seg, obj, hyps, do_refine if solver_refine else None,
                                 self.refine_top_n, extra, flips=flips if vc.flip_top_n > 0 else ())
         assert sel is not None
+        feats = dict(sel.verification.features)
+        if vc.report_flips or need_margin:
+            # the chosen pose against its flips (all three reported as hard negatives for calibration fitting
+            # in eval; only the non-symmetric ones are needed for flip_margin)
+            T = sel.hypothesis.T_cam_obj
+            nonsym = nonsymmetric_flips(obj)
+            todo = range(len(flips)) if vc.report_flips else nonsym
+            fver = {i: self.verifier.verify(vobs, seg, obj, T @ flips[i], depth_used, extra(sel.hypothesis))
+                    for i in todo}
+            raws = [sel.verification.raw] + [fver[i].raw if i in fver else float("nan") for i in range(len(flips))]
+            margins = flip_margins(raws, nonsym)
+            feats["flip_margin"] = margins[0]
+            if vc.report_flips:
+                diag["verify_flips"] = [
+                    {"T_cam_obj": (T @ flips[i]).tolist(),
+                     "features": {**fver[i].features, "flip_margin": margins[i + 1]}}
+                    for i in range(len(flips))
+                ]
         timings["refine"] = t_refine[0]
         timings["verify"] = time.perf_counter() - t - t_refine[0]
-        if vc.report_flips:  # hard negatives for calibration fitting (eval only)
-            T = sel.hypothesis.T_cam_obj
-            diag["verify_flips"] = [
-                {"T_cam_obj": (T @ F).tolist(),
-                 "features": self.verifier.verify(vobs, seg, obj, T @ F, depth_used, extra(sel.hypothesis)).features}
-                for F in flips
-            ]
-        modality = "rgbd" if depth_used else "rgb"
-        feats = sel.verification.features
         p = self.calibration.probability(feats, modality) if self.calibration is not None else None
         diag.update({
             "verify": {k: (None if v != v else float(v)) for k, v in feats.items()},

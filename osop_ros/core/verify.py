@@ -25,7 +25,9 @@ observation resampled into the same crop (nearest for depth/mask, area for the g
 :func:`model_flips`: 180-degree flips about the model's principal axes. Such poses often agree with the
 depth and the silhouette, and only colour and edges tell them apart; :func:`select_hypothesis` can verify
 them as extra candidates (``flip_top_n``, off by default), and ``report_flips`` makes the pipeline report
-their features as hard negatives for fitting the calibration.
+their features as hard negatives for fitting the calibration. ``flip_margin`` (a calibration feature):
+the chosen pose's raw score minus the best raw score of its flips that are not symmetries of the object
+(:func:`nonsymmetric_flips`): a pose whose upside-down twin explains the image as well is not sure.
 
 ``raw`` score (ranking): geometric mean of ``depth_inlier`` (RGB-D), ``iou``, ``edge`` and
 ``(1 + color) / 2``, times ``visibility = min(1, (1 - occluded) / min_visible_frac)`` (RGB-D), which
@@ -61,9 +63,10 @@ log = logging.getLogger(__name__)
 
 FEATURE_NAMES = (
     "raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "depth_inlier", "depth_behind",
-    "occluded", "depth_valid", "seg_score", "match_score", "seg_rank", "seg_margin",
+    "occluded", "depth_valid", "seg_score", "match_score", "seg_rank", "seg_margin", "flip_margin",
 )
-"""Every feature a :class:`Verification` carries (``depth_*``/``occluded`` are NaN without depth)."""
+"""Every feature a :class:`Verification` carries (``depth_*``/``occluded`` are NaN without depth;
+``flip_margin`` only when the pipeline verified the pose's flips, see :func:`flip_margins`)."""
 
 
 @dataclass
@@ -409,6 +412,56 @@ def model_flips(obj: OnboardedObject, n_samples: int = 2000) -> list[np.ndarray]
     return obj.extra["verify_flips"]
 
 
+def nonsymmetric_flips(obj: OnboardedObject, tol_frac: float = 0.1, n_points: int = 500) -> list[int]:
+    """Indices into :func:`model_flips` of the flips that are *not* symmetries of ``obj``.
+
+    A flip counts as a symmetry when some transform of ``obj.sym_Ts`` moves every sampled surface point
+    to within ``tol_frac`` x diameter of where the flip moves it (the tolerance of the correctness
+    criterion: such a flip of a correct pose is also correct). Cached in ``obj.extra``.
+    """
+    key = "verify_flips_nonsym"
+    if key not in obj.extra:
+        flips = model_flips(obj)
+        pts, _ = obj.model.sample_surface(n_points, seed=1)
+        pts = np.asarray(pts, dtype=np.float64)
+        tol = tol_frac * float(obj.model.diameter)
+        sym = [np.asarray(S, dtype=np.float64) for S in obj.sym_Ts] or [np.eye(4)]
+        keep = []
+        for i, F in enumerate(flips):
+            pf = transform_points(F, pts)
+            dev = min(float(np.max(np.linalg.norm(pf - transform_points(S, pts), axis=1))) for S in sym)
+            if dev >= tol:
+                keep.append(i)
+        obj.extra[key] = keep
+    return obj.extra[key]
+
+
+def flip_margins(raws: Sequence[float], nonsym: Sequence[int]) -> list[float]:
+    """``flip_margin`` of each member of the flip group ``[T, T F_0, T F_1, T F_2]``.
+
+    raws (4,): raw scores of the chosen pose and of its three :func:`model_flips`; nonsym: indices of
+    the flips that are not symmetries. The flips about orthogonal axes through one centre form a group
+    (``F_i F_i = I``, ``F_i F_j = F_k``), so every member's non-symmetric flips are members too: member
+    ``a``'s margin is its raw score minus the best raw score of ``a F_i`` over ``i`` in ``nonsym``
+    (NaN when every flip is a symmetry).
+    """
+    if len(raws) != 4:
+        raise ValueError("flip_margins: expected the raw scores of a pose and of its 3 flips")
+
+    def compose(a: int, i: int) -> int:  # member index of (member a) @ F_i; member 0 = T, k + 1 = T F_k
+        if a == 0:
+            return i + 1
+        if a == i + 1:
+            return 0
+        return ({0, 1, 2} - {a - 1, i}).pop() + 1
+
+    out = []
+    for a in range(4):
+        alts = [float(raws[compose(a, i)]) for i in nonsym]
+        out.append(float(raws[a]) - max(alts) if alts else float("nan"))
+    return out
+
+
 def select_hypothesis(
     verifier: Verifier,
     obs: Observation,
@@ -559,6 +612,11 @@ class ScoreCalibration:
         text = json.dumps(data, indent=1) if p.suffix.lower() == ".json" else yaml.safe_dump(data, sort_keys=False)
         p.write_text(text, encoding="utf-8")
         return p
+
+    def uses(self, feature: str, modality: str) -> bool:
+        """Whether the model of ``modality`` reads ``feature`` (the pipeline computes costly ones only then)."""
+        m = self.models.get(modality)
+        return m is not None and feature in m.features
 
     def probability(self, feats: dict[str, float], modality: str) -> float | None:
         """P(correct) of a hypothesis with ``feats`` seen in ``modality``; None without a model for it."""

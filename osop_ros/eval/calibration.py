@@ -29,13 +29,16 @@ from osop_ros.eval.metrics import CORRECT_MSSD_FRAC, published_stats
 
 MODEL_FEATURES: dict[str, tuple[str, ...]] = {
     "rgbd": ("raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "depth_inlier",
-             "depth_behind", "occluded", "depth_valid", "seg_score", "match_score"),
+             "depth_behind", "occluded", "depth_valid", "seg_score", "match_score", "flip_margin"),
     "rgb": ("raw", "iou", "mask_recall", "mask_precision", "edge", "texture_edge", "color", "seg_score",
             "match_score"),
 }
 # ``seg_rank`` / ``seg_margin`` (proposal ranking, also verification features) are left out: fitted on
 # two styles of our generator their coefficients were ~0 and heldout_b precision did not improve
-# (docs/results.md, session 8).
+# (docs/results.md, session 8). ``flip_margin`` (rgbd) is recorded only by ``osop eval --hard-negatives``
+# runs (or runs with a calibration that reads it): fit on such runs; in others the column is missing
+# (reported as ``missing_features``) and gets no weight. Left out of rgb: no correct RGB pose in the
+# fit data so far, the RGB model is a constant (docs/results.md, session 13).
 CRITERION = f"correct = MSSD < {CORRECT_MSSD_FRAC} x diameter (symmetry-aware); poses of absent objects are wrong"
 
 
@@ -168,6 +171,7 @@ def fit_platt(
         "cv_log_loss": log_loss(p_cv[ok], y[ok]) if ok.any() else None,
         "cv_auc": auc(p_cv[ok], y[ok].astype(bool)) if ok.any() else None,
         "cv_ece": expected_calibration_error(p_cv[ok], y[ok]) if ok.any() else None,
+        "missing_features": [f for f, col in zip(names, X.T, strict=True) if not np.isfinite(col).any()],
     }
     return model, stats
 
