@@ -147,6 +147,8 @@ def test_calibrate_command_fits_on_several_runs_and_checks_another(tmp_path, cap
                  "--threshold", "0.5", "--json", str(tmp_path / "rep.json")]) == 0
     text = capsys.readouterr().out
     assert "fit rgbd: n=1200" in text and "check style_c" in text
+    missing = text.split("no values for ")[1].split(" in these runs")[0].split(", ")
+    assert "flip_margin" in missing and "raw" not in missing  # no flip renders in these runs (no --hard-negatives)
     cal = ScoreCalibration.load(out)
     assert cal.meta["fitted_on"]["rgbd"]["segmenter"] == ["proposals"]
     import json

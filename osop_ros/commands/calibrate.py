@@ -55,6 +55,9 @@ def handler(args: argparse.Namespace) -> int:
             print(f"fit {modality}: n={st['n']} correct={st['n_pos']} absent={st['n_absent']} "
                   f"hard-neg={st.get('n_hard_negatives')} auc={_f(st['auc'])} cv_auc={_f(st.get('cv_auc'))} "
                   f"cv_ece={_f(st.get('cv_ece'))}")
+            if st.get("missing_features"):
+                print(f"  {modality}: no values for {', '.join(st['missing_features'])} in these runs (no weight; "
+                      "flip_margin needs runs made with --hard-negatives)")
         print(f"wrote {args.out}")
     cal = ScoreCalibration.load(args.out if args.fit else args.calibration)
     report["check"] = {}
