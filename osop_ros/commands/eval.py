@@ -107,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="no render-and-compare verification (score = the solver's mask/depth agreement)")
     p.add_argument("--depth-seg", dest="depth_seg", action=argparse.BooleanOptionalAction, default=None,
                    help="RGB-D clean-up of stage-1 masks with depth (default: pipeline.depth_seg)")
+    p.add_argument("--symmetry-search", dest="symmetry_search", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour search over the shape's symmetries after ICP (default: pipeline.symmetry_search)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="published = score >= this (default: pipeline.score_threshold)")
     p.add_argument("--calibration", default=None,
@@ -252,6 +254,7 @@ def handler(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold,
         calibration=args.calibration,
         depth_seg=args.depth_seg,
+        symmetry_search=args.symmetry_search,
         seg_input_width=args.seg_input_width,
         segmenter=args.segmenter,
         verify_candidates=args.verify_candidates,

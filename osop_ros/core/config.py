@@ -116,6 +116,10 @@ class PipelineConfig:
     ``verify_refine_top_n``: ICP (RGB-D) of this many best-verified hypotheses, then re-verification.
     ``verify_candidates``: stage-1 instance candidates (connected components) verified per object; the
     ``max_instances`` best-verified ones are returned.
+    ``symmetry_search``: after ICP, choose among the poses related by the shape's own symmetries (a
+    labelled can turned about its axis, a printed box flipped) by colour agreement
+    (:mod:`osop_ros.core.symmetry`; with ``verify``); ``symmetry_approx_tol`` > 0 (x diameter) also tries
+    near-symmetries (a slightly tapered can upside down), refined by ICP and kept only if they fit as well.
     ``depth_seg``: RGB-D clean-up of stage-1 masks (support plane removed, cut at depth discontinuities,
     connected 3D cluster kept; :mod:`osop_ros.core.depth_seg`).
     ``segmenter``: stage 1 = ``head`` (the OSOP head's connected components) or ``proposals``
@@ -136,6 +140,8 @@ class PipelineConfig:
     verify_refine_top_n: int = 2
     verify_candidates: int = 1
     calibration: str = ""
+    symmetry_search: bool = True
+    symmetry_approx_tol: float = 0.06
     depth_seg: bool = True
     segmenter: str = "head"  # head | proposals
     proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
@@ -145,6 +151,8 @@ class PipelineConfig:
     proposal_min_score: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.symmetry_approx_tol <= 0.2:
+            raise InvalidInputError(f"pipeline.symmetry_approx_tol must be in [0, 0.2], got {self.symmetry_approx_tol}")
         if self.verify_refine_top_n < 0 or self.verify_candidates < 1:
             raise InvalidInputError(
                 f"pipeline.verify_refine_top_n must be >= 0 and pipeline.verify_candidates >= 1, got "

@@ -29,6 +29,7 @@ from osop_ros.core.types import (
 if TYPE_CHECKING:
     from osop_ros.core.config import OsopConfig, PipelineConfig
     from osop_ros.core.depth_seg import DepthMaskRefiner
+    from osop_ros.core.symmetry import ColourSymmetrySearch
     from osop_ros.core.verify import ScoreCalibration, Verifier
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Pipeline:
         refine_top_n: int = 2,
         candidates: int = 1,
         depth_refiner: DepthMaskRefiner | None = None,
+        symmetry_search: ColourSymmetrySearch | None = None,
     ) -> None:
         if modality not in ("auto", "rgb", "rgbd"):
             raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
@@ -85,6 +87,7 @@ class Pipeline:
         self.refine_top_n = refine_top_n
         self.candidates = candidates
         self.depth_refiner = depth_refiner
+        self.symmetry_search = symmetry_search
         self._config: OsopConfig | None = None
         self._last: dict[str, PoseEstimate] = {}
 
@@ -100,9 +103,10 @@ class Pipeline:
             self.configure(cfg.pipeline, cfg.base_dir)
 
     def configure(self, p: PipelineConfig, base_dir: str = "") -> None:
-        """Apply the verification keys of ``p`` (verify, verify_refine_top_n, verify_candidates, calibration)
-        and ``depth_seg``."""
+        """Apply the verification keys of ``p`` (verify, verify_refine_top_n, verify_candidates, calibration,
+        symmetry_search) and ``depth_seg``."""
         from osop_ros.core.depth_seg import DepthMaskRefiner
+        from osop_ros.core.symmetry import ColourSymmetrySearch, SymmetrySearchConfig
         from osop_ros.core.verify import Verifier
 
         self.depth_refiner = DepthMaskRefiner() if p.depth_seg else None
@@ -110,16 +114,25 @@ class Pipeline:
             if self.verifier is None:
                 self.verifier = Verifier()
             self.calibration = load_calibration(p.calibration, base_dir)
+            self.symmetry_search = (
+                ColourSymmetrySearch(self.verifier, SymmetrySearchConfig(approx_tol_frac=p.symmetry_approx_tol))
+                if p.symmetry_search else None
+            )
+            if self.symmetry_search is not None:
+                for obj in self.objects:
+                    self.symmetry_search.prepare(obj)
         else:
             if self.verifier is not None:
                 self.verifier.release()
-            self.verifier, self.calibration = None, None
+            self.verifier, self.calibration, self.symmetry_search = None, None, None
         self.refine_top_n = int(p.verify_refine_top_n)
         self.candidates = int(p.verify_candidates)
 
     def add_object(self, obj: OnboardedObject) -> None:
         """Register another onboarded object (replaces one with the same name)."""
         self.objects = [o for o in self.objects if o.name != obj.name] + [obj]
+        if self.symmetry_search is not None:
+            self.symmetry_search.prepare(obj)
 
     def __call__(self, obs: Observation, objects: Sequence[str] | None = None) -> list[PoseEstimate]:
         """Estimate poses of every (or the named) object in ``obs``; failures are logged, not raised."""
@@ -223,7 +236,7 @@ class Pipeline:
         timings: dict[str, float],
     ) -> tuple[PoseHypothesis, float]:
         """Verified best hypothesis (ICP-refined when the solver can) and its published score."""
-        from osop_ros.core.verify import flip_margins, model_flips, nonsymmetric_flips, select_hypothesis
+        from osop_ros.core.verify import Selected, flip_margins, model_flips, nonsymmetric_flips, select_hypothesis
 
         assert self.verifier is not None
         t = time.perf_counter()
@@ -253,6 +266,24 @@ class Pipeline:
         sel = select_hypothesis(self.verifier, vobs, seg, obj, hyps, do_refine if solver_refine else None,
                                 self.refine_top_n, extra, flips=flips if vc.flip_top_n > 0 else ())
         assert sel is not None
+        if self.symmetry_search is not None:
+            t1, refine_before = time.perf_counter(), t_refine[0]
+            choice = self.symmetry_search(vobs, seg, obj, sel.hypothesis.T_cam_obj, depth_used)
+            diag["symmetry_search"] = {"candidates": choice.n_candidates, "switched": choice.switched,
+                                       "gain": None if choice.gain != choice.gain else round(choice.gain, 4)}
+            if choice.switched:
+                h = PoseHypothesis(choice.T_cam_obj, sel.hypothesis.score, sel.hypothesis.inliers,
+                                   {**sel.hypothesis.info, "symmetry_switched": True})
+                if choice.approximate:  # a near-symmetric twin: ICP first, kept only if it fits about as well
+                    h = (do_refine(h) if solver_refine is not None else None) or h
+                v = self.verifier.verify(vobs, seg, obj, h.T_cam_obj, depth_used, extra(h))
+                cfg = self.symmetry_search.config
+                if not choice.approximate or v.raw >= sel.verification.raw - cfg.approx_max_raw_drop:
+                    sel = Selected(h, v, sel.candidates, sel.refined)
+                else:
+                    diag["symmetry_search"]["switched"] = False
+                diag["symmetry_search"]["approximate"] = choice.approximate
+            timings["symmetry"] = time.perf_counter() - t1 - (t_refine[0] - refine_before)
         feats = dict(sel.verification.features)
         if vc.report_flips or need_margin:
             # the chosen pose against its flips (all three reported as hard negatives for calibration fitting
@@ -272,7 +303,7 @@ class Pipeline:
                     for i in range(len(flips))
                 ]
         timings["refine"] = t_refine[0]
-        timings["verify"] = time.perf_counter() - t - t_refine[0]
+        timings["verify"] = time.perf_counter() - t - t_refine[0] - timings.get("symmetry", 0.0)
         p = self.calibration.probability(feats, modality) if self.calibration is not None else None
         diag.update({
             "verify": {k: (None if v != v else float(v)) for k, v in feats.items()},

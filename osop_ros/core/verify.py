@@ -356,6 +356,67 @@ class Verifier:
         feats["raw"] = raw_score(feats, c.min_visible_frac)
         return Verification(feats["raw"], feats, crop.box, crop.size[0] / (crop.box[2] - crop.box[0]))
 
+    def colour_scores(
+        self,
+        obs: Observation,
+        seg: SegmentationResult | None,
+        obj: OnboardedObject,
+        Ts: Sequence[np.ndarray],
+        use_depth: bool = True,
+        min_std: float = 2.0,
+    ) -> np.ndarray:
+        """(n,) colour agreement of each pose of ``Ts`` ((4, 4) each, nearly the same silhouette) with ``obs``.
+
+        All are rendered in the crop of ``Ts[0]``; over each pose's visible surface (rendered, inside the
+        image, not behind an observed surface, eroded by one pixel) the blurred Lab channels of render and
+        image are correlated (Pearson: insensitive to gain, offset and white balance) and averaged with the
+        rendered channel's spread as weight. NaN when a pose shows too little or a uniformly coloured surface
+        (every channel's spread below ``min_std``).
+        """
+        c = self.config
+        out = np.full(len(Ts), np.nan)
+        if not len(Ts):
+            return out
+        H, W = obs.rgb.shape[:2]
+        K = obs.camera.K
+        crop = self._crop(K, np.asarray(Ts[0], np.float64), obj, None if seg is None else seg.box, (H, W))
+        if crop is None:
+            return out
+        r, _ = self._renderer()
+        key = self._key(obj)
+        inside = _resize(_region(np.ones((H, W), np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+        rgb_o = _resize(_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
+        lab_o = cv2.cvtColor(cv2.GaussianBlur(rgb_o, (3, 3), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
+        depth = obs.depth if (use_depth and obs.depth is not None) else None
+        d_o = None if depth is None else _resize(_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
+        kernel = np.ones((3, 3), np.uint8)
+        for n, T in enumerate(Ts):
+            T = np.asarray(T, dtype=np.float64)
+            z = transform_points(T, obj.model.center[None])[:, 2]
+            if not np.all(np.isfinite(z)) or float(z.min()) <= 1e-3:
+                continue
+            ren = r.render(crop.Kc, crop.size[0], crop.size[1], [(key, T)], znear=max(1e-3, 0.25 * float(z.min())))
+            vis = ren.mask & inside
+            if d_o is not None:
+                tol = np.maximum(c.depth_tol_floor, c.depth_tol_frac_z * ren.depth)
+                vis &= ~((d_o > 0) & (d_o - ren.depth < -tol))
+            vis = cv2.erode(vis.astype(np.uint8), kernel).astype(bool)
+            if int(vis.sum()) < c.min_render_px:
+                continue
+            lab_r = cv2.cvtColor(cv2.GaussianBlur(ren.rgb, (3, 3), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
+            num = den = 0.0
+            for ch in range(3):
+                x, y = lab_o[vis][:, ch], lab_r[vis][:, ch]
+                sx, sy = float(x.std()), float(y.std())
+                if sy < min_std:
+                    continue
+                rho = float(np.mean((x - x.mean()) * (y - y.mean()))) / (sx * sy) if sx > 1e-6 else 0.0
+                num += sy * rho
+                den += sy
+            if den > 0:
+                out[n] = num / den
+        return out
+
 
 def raw_score(feats: dict[str, float], min_visible_frac: float = 0.4) -> float:
     """Uncalibrated agreement in [0, 1] from the features (see module doc); NaN terms are left out."""

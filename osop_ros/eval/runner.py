@@ -161,7 +161,7 @@ class EvalOptions:
 
     ``config``: the pipeline configuration (None = the node's ``config/osop.yaml``); the options
     ``modality``, ``correspondence`` (None = learned, what the node runs), ``top_k``, ``icp``, ``verify``,
-    ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg``, ``segmenter``,
+    ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg``, ``symmetry_search``, ``segmenter``,
     ``verify_candidates`` and ``device`` override it when not None.
     ``max_instances``: None = the config's, ``"targets"`` = the BOP ``inst_count`` of each target.
     ``absent``: per image, also query this many objects of ``objects`` (None: of the dataset) that are not
@@ -187,6 +187,7 @@ class EvalOptions:
     seg_input_width: int | None = None
     calibration: str | None = None
     depth_seg: bool | None = None
+    symmetry_search: bool | None = None
     segmenter: str | None = None
     verify_candidates: int | None = None
     device: str | None = None
@@ -235,6 +236,7 @@ class EvalOptions:
         for key, val in (("top_k_templates", self.top_k), ("icp", self.icp), ("verify", self.verify),
                          ("score_threshold", self.score_threshold), ("seg_input_width", self.seg_input_width),
                          ("calibration", self.calibration), ("depth_seg", self.depth_seg),
+                         ("symmetry_search", self.symmetry_search),
                          ("segmenter", self.segmenter), ("verify_candidates", self.verify_candidates)):
             if val is not None:
                 over[key] = val

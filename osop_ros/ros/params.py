@@ -158,6 +158,8 @@ _CORE_DESCRIPTIONS = {
     "pipeline.verify_refine_top_n": "ICP (RGB-D) of this many best-verified hypotheses, then re-verification",
     "pipeline.verify_candidates": "stage-1 instance candidates verified per object (the best max_instances kept)",
     "pipeline.calibration": "score calibration YAML/JSON; empty = config/score_calibration.yaml, 'none' = raw score",
+    "pipeline.symmetry_search": "after ICP, pick among the shape's symmetric twins of the pose by colour agreement",
+    "pipeline.symmetry_approx_tol": "symmetry search: also near-symmetries within this x diameter (0 = exact only)",
     "pipeline.depth_seg": "RGB-D: clean stage-1 masks with depth (support plane, depth edges, 3D cluster)",
     "pipeline.segmenter": "stage 1: head (OSOP head components) | proposals (MobileSAM masks ranked by descriptors)",
     "pipeline.proposal_image_size": "proposals: MobileSAM input side in pixels (multiple of 16)",
@@ -168,6 +170,7 @@ _CORE_DESCRIPTIONS = {
 }
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
+    "pipeline.symmetry_approx_tol": (0.0, 0.2),
     "pipeline.verify_refine_top_n": (0, 16),
     "pipeline.verify_candidates": (1, 16),
     "pipeline.proposal_image_size": (64, 2048),
