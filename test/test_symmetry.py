@@ -168,3 +168,52 @@ def test_pipeline_symmetry_search_from_config(verifier):
         assert e.diagnostics["score_raw"] > e0.diagnostics["score_raw"]  # re-verified at the chosen pose
     finally:
         pipe.verifier.release()
+
+
+def _tapered_banded_can(trimesh):
+    """A can 10 % narrower at the top, red above its middle and blue below: not symmetric upside down."""
+    m = trimesh.creation.cylinder(0.03, 0.1, sections=72)
+    v = np.asarray(m.vertices).copy()
+    top = v[:, 2] > 0
+    v[top, :2] *= 0.9
+    m.vertices = v
+    m.visual.vertex_colors = np.where(top[:, None], [200, 40, 30, 255], [30, 60, 200, 255]).astype(np.uint8)
+    return m
+
+
+def test_near_symmetries_of_a_tapered_can():
+    trimesh = pytest.importorskip("trimesh")
+    from osop_ros.core.symmetry import SymmetrySearchConfig, approximate_symmetries
+
+    obj = _obj(_tapered_banded_can(trimesh), "tapered")
+    exact = _angles(shape_symmetries(obj))
+    assert len(exact) == 23 and 180 in exact  # turns about the axis only
+    cfg = SymmetrySearchConfig(approx_tol_frac=0.06)
+    near = approximate_symmetries(obj, cfg)
+    assert len(near) >= 20 and _angles(near).count(180) >= 2  # the upside-down twins
+    assert approximate_symmetries(obj, SymmetrySearchConfig()) == []  # off by default in the dataclass
+
+
+@pytest.mark.gl
+def test_colour_search_rights_an_upside_down_tapered_can(verifier):
+    trimesh = pytest.importorskip("trimesh")
+    from osop_ros.core.render import Renderer
+    from osop_ros.core.symmetry import SymmetrySearchConfig, approximate_symmetries
+
+    obj = _obj(_tapered_banded_can(trimesh), "tapered")
+    T = make_T(rotation_about_axis(np.array([1.0, 0.2, 0.1]), 1.1), np.array([0.0, 0.0, 0.45]))
+    with Renderer() as r:
+        r.add_object("m", obj.model)
+        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
+    obs = Observation(np.where(out.mask[..., None], out.rgb, np.uint8(90)), CAM,
+                      np.where(out.mask, out.depth, 0.8).astype(np.float32))
+    seg = SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
+    cfg = SymmetrySearchConfig(approx_tol_frac=0.06)
+    flips = [S for S in approximate_symmetries(obj, cfg) if round(rotation_angle_deg(S[:3, :3], np.eye(3))) == 180]
+    upside_down = T @ flips[0]
+    assert not ColourSymmetrySearch(verifier)(obs, seg, obj, upside_down).switched  # exact twins only: stuck
+    choice = ColourSymmetrySearch(verifier, cfg)(obs, seg, obj, upside_down)
+    assert choice.switched and choice.approximate and choice.gain > 0.3
+    # right side up again (the turn about the axis is free: both halves are one colour all round)
+    up = T[:3, :3] @ surface_axes(obj.model)[1][0]
+    assert float(up @ (choice.T_cam_obj[:3, :3] @ surface_axes(obj.model)[1][0])) > 0.98

@@ -109,8 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     ]
     sc = report["symmetry_search_can"]
     if sc:
-        lines.append(f"- symmetry search on a labelled can (worst case: {sc['twins']} twins rendered; the example "
-                     f"object has none): p50 {sc['p50_s']:.3f} s, p95 {sc['p95_s']:.3f} s per instance")
+        lines.append(f"- symmetry search on a labelled can (a solid of revolution, {sc['twins']} twins rendered; the "
+                     f"frames above: the example object's own): p50 {sc['p50_s']:.3f} s, p95 {sc['p95_s']:.3f} s per "
+                     "instance")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

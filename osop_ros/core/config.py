@@ -142,6 +142,7 @@ class PipelineConfig:
     calibration: str = ""
     symmetry_search: bool = True
     symmetry_approx_tol: float = 0.06
+    symmetry_partial_quantile: float = 0.0
     depth_seg: bool = True
     segmenter: str = "head"  # head | proposals
     proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
@@ -151,6 +152,9 @@ class PipelineConfig:
     proposal_min_score: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.symmetry_partial_quantile < 0.98:
+            raise InvalidInputError(
+                f"pipeline.symmetry_partial_quantile must be in [0, 0.98), got {self.symmetry_partial_quantile}")
         if not 0.0 <= self.symmetry_approx_tol <= 0.2:
             raise InvalidInputError(f"pipeline.symmetry_approx_tol must be in [0, 0.2], got {self.symmetry_approx_tol}")
         if self.verify_refine_top_n < 0 or self.verify_candidates < 1:

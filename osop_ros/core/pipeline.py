@@ -115,7 +115,8 @@ class Pipeline:
                 self.verifier = Verifier()
             self.calibration = load_calibration(p.calibration, base_dir)
             self.symmetry_search = (
-                ColourSymmetrySearch(self.verifier, SymmetrySearchConfig(approx_tol_frac=p.symmetry_approx_tol))
+                ColourSymmetrySearch(self.verifier, SymmetrySearchConfig(
+                    approx_tol_frac=p.symmetry_approx_tol, partial_quantile=p.symmetry_partial_quantile))
                 if p.symmetry_search else None
             )
             if self.symmetry_search is not None:

@@ -46,6 +46,7 @@ class SymmetrySearchConfig:
     max_candidates: int = 48  # a sphere-like shape passes everything: keep this many, evenly spread
     min_gain: float = 0.05  # colour-correlation gain over the input pose needed to switch
     approx_tol_frac: float = 0.0  # also near-symmetries within this (x diameter; 0 = off), refined by ICP
+    partial_quantile: float = 0.0  # also twins whose moved surface fits at this quantile only (0 = off)
     approx_min_gain: float = 0.1  # gain needed to switch to a near-symmetric twin
     approx_max_raw_drop: float = 0.02  # the refined twin's raw verification score may be this much lower
     n_target: int = 4000  # surface samples of the reference cloud
@@ -69,16 +70,20 @@ def surface_axes(model: ObjectModel) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shape_symmetries(
-    obj: OnboardedObject, config: SymmetrySearchConfig | None = None, tol_frac: float | None = None
+    obj: OnboardedObject,
+    config: SymmetrySearchConfig | None = None,
+    tol_frac: float | None = None,
+    quantile: float | None = None,
 ) -> list[np.ndarray]:
     """(4, 4) model-frame transforms other than the identity that map ``obj``'s surface onto itself
-    within ``tol_frac`` x diameter (default ``config.tol_frac``; see module doc), ordered by rotation
-    angle; cached in ``obj.extra``."""
+    within ``tol_frac`` x diameter at the ``quantile`` of the moved samples (defaults from ``config``; see
+    module doc), ordered by rotation angle; cached in ``obj.extra``."""
     from scipy.spatial import cKDTree
 
     c = config or SymmetrySearchConfig()
     tol_frac = c.tol_frac if tol_frac is None else float(tol_frac)
-    key = ("shape_symmetries", c.step_deg, tol_frac, c.quantile, c.max_candidates, c.n_target, c.n_query)
+    quantile = c.quantile if quantile is None else float(quantile)
+    key = ("shape_symmetries", c.step_deg, tol_frac, quantile, c.max_candidates, c.n_target, c.n_query)
     cache = obj.extra.setdefault("shape_symmetries", {})
     if key in cache:
         return cache[key]
@@ -88,7 +93,7 @@ def shape_symmetries(
     centre, vt = surface_axes(model)
     tree = cKDTree(pts)
     d0 = tree.query(q)[0]  # sampling density: the distances of an exact symmetry
-    tol = np.quantile(d0, c.quantile) + tol_frac * float(model.diameter)
+    tol = np.quantile(d0, quantile) + tol_frac * float(model.diameter)
     flips = [rotation_about_axis(vt[j], math.pi) for j in range(3)]
     n_steps = max(2, round(360.0 / c.step_deg))
     rots: list[np.ndarray] = []
@@ -105,7 +110,7 @@ def shape_symmetries(
         S = np.eye(4)
         S[:3, :3] = R
         S[:3, 3] = centre - R @ centre
-        if float(np.quantile(tree.query(transform_points(S, q))[0], c.quantile)) <= tol:
+        if float(np.quantile(tree.query(transform_points(S, q))[0], quantile)) <= tol:
             found.append((angle, S))
     found.sort(key=lambda x: x[0])
     out = [S for _, S in found]
@@ -119,11 +124,16 @@ def approximate_symmetries(obj: OnboardedObject, config: SymmetrySearchConfig | 
     """Transforms within ``config.approx_tol_frac`` but not ``tol_frac`` of a symmetry (a slightly tapered
     can upside down): the twin needs ICP before it fits; empty when ``approx_tol_frac`` <= ``tol_frac``."""
     c = config or SymmetrySearchConfig()
-    if c.approx_tol_frac <= c.tol_frac:
-        return []
     exact = shape_symmetries(obj, c)
-    return [S for S in shape_symmetries(obj, c, c.approx_tol_frac)
-            if not any(np.abs(S - E).max() < 1e-6 for E in exact)]
+    out: list[np.ndarray] = []
+    if c.approx_tol_frac > c.tol_frac:
+        out = [S for S in shape_symmetries(obj, c, c.approx_tol_frac)
+               if not any(np.abs(S - E).max() < 1e-6 for E in exact)]
+    if 0.0 < c.partial_quantile < c.quantile:  # most of the surface maps onto itself (a mug's body, not its handle)
+        seen = exact + out
+        out += [S for S in shape_symmetries(obj, c, quantile=c.partial_quantile)
+                if not any(np.abs(S - E).max() < 1e-6 for E in seen)]
+    return out
 
 
 @dataclass

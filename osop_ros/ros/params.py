@@ -160,6 +160,7 @@ _CORE_DESCRIPTIONS = {
     "pipeline.calibration": "score calibration YAML/JSON; empty = config/score_calibration.yaml, 'none' = raw score",
     "pipeline.symmetry_search": "after ICP, pick among the shape's symmetric twins of the pose by colour agreement",
     "pipeline.symmetry_approx_tol": "symmetry search: also near-symmetries within this x diameter (0 = exact only)",
+    "pipeline.symmetry_partial_quantile": "symmetry search: also twins that fit this share of the surface (0 = off)",
     "pipeline.depth_seg": "RGB-D: clean stage-1 masks with depth (support plane, depth edges, 3D cluster)",
     "pipeline.segmenter": "stage 1: head (OSOP head components) | proposals (MobileSAM masks ranked by descriptors)",
     "pipeline.proposal_image_size": "proposals: MobileSAM input side in pixels (multiple of 16)",
@@ -171,6 +172,7 @@ _CORE_DESCRIPTIONS = {
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
     "pipeline.symmetry_approx_tol": (0.0, 0.2),
+    "pipeline.symmetry_partial_quantile": (0.0, 0.97),
     "pipeline.verify_refine_top_n": (0, 16),
     "pipeline.verify_candidates": (1, 16),
     "pipeline.proposal_image_size": (64, 2048),
