@@ -138,7 +138,7 @@ class PipelineConfig:
     seg_input_width: int = 320
     verify: bool = True
     verify_refine_top_n: int = 2
-    verify_candidates: int = 1
+    verify_candidates: int = 2
     calibration: str = ""
     symmetry_search: bool = True
     symmetry_approx_tol: float = 0.06
