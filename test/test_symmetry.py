@@ -50,6 +50,18 @@ def test_shape_symmetries_of_primitives():
     assert _angles(mug) == [180]  # only the flip that keeps the handle where it is
 
 
+def _scene(obj: OnboardedObject, T: np.ndarray) -> tuple[Observation, SegmentationResult]:
+    """``obj`` rendered at ``T`` on a grey background 0.8 m away, and its true mask as the stage-1 result."""
+    from osop_ros.core.render import Renderer
+
+    with Renderer() as r:
+        r.add_object("m", obj.model)
+        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
+    obs = Observation(np.where(out.mask[..., None], out.rgb, np.uint8(90)), CAM,
+                      np.where(out.mask, out.depth, 0.8).astype(np.float32))
+    return obs, SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
+
+
 @pytest.fixture(scope="module")
 def verifier():
     v = Verifier()
@@ -72,17 +84,10 @@ def _two_tone_can(trimesh, uniform: bool = False):
 @pytest.mark.parametrize("turn_deg", [90.0, 180.0])
 def test_colour_search_turns_a_labelled_can_back(verifier, turn_deg):
     trimesh = pytest.importorskip("trimesh")
-    from osop_ros.core.render import Renderer
 
     obj = _obj(_two_tone_can(trimesh), "can")
     T = make_T(rotation_about_axis(np.array([1.0, 0.2, 0.1]), 1.1), np.array([0.0, 0.0, 0.45]))
-    with Renderer() as r:
-        r.add_object("m", obj.model)
-        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
-    rgb = np.where(out.mask[..., None], out.rgb, np.uint8(90))
-    depth = np.where(out.mask, out.depth, 0.8).astype(np.float32)
-    seg = SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
-    obs = Observation(rgb, CAM, depth)
+    obs, seg = _scene(obj, T)
     centre, axes = surface_axes(obj.model)
     S = make_T(rotation_about_axis(axes[0], np.radians(turn_deg)), np.zeros(3))
     S[:3, 3] = centre - S[:3, :3] @ centre
@@ -98,15 +103,10 @@ def test_colour_search_turns_a_labelled_can_back(verifier, turn_deg):
 @pytest.mark.gl
 def test_colour_search_keeps_an_untextured_pose(verifier):
     trimesh = pytest.importorskip("trimesh")
-    from osop_ros.core.render import Renderer
 
     obj = _obj(_two_tone_can(trimesh, uniform=True), "grey_can")
     T = make_T(rotation_about_axis(np.array([1.0, 0.2, 0.1]), 1.1), np.array([0.0, 0.0, 0.45]))
-    with Renderer() as r:
-        r.add_object("m", obj.model)
-        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
-    seg = SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
-    obs = Observation(np.where(out.mask[..., None], out.rgb, np.uint8(90)), CAM, out.depth)
+    obs, seg = _scene(obj, T)
     T_in = T @ shape_symmetries(obj)[5]
     choice = ColourSymmetrySearch(verifier)(obs, seg, obj, T_in)
     assert not choice.switched and np.allclose(choice.T_cam_obj, T_in)
@@ -142,16 +142,10 @@ def test_pipeline_symmetry_search_from_config(verifier):
     trimesh = pytest.importorskip("trimesh")
     from osop_ros.core.config import load_config
     from osop_ros.core.pipeline import Pipeline
-    from osop_ros.core.render import Renderer
 
     obj = _obj(_two_tone_can(trimesh), "can")
     T = make_T(rotation_about_axis(np.array([0.3, 1.0, 0.2]), 0.9), np.array([0.01, 0.0, 0.5]))
-    with Renderer() as r:
-        r.add_object("m", obj.model)
-        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
-    obs = Observation(np.where(out.mask[..., None], out.rgb, np.uint8(90)), CAM,
-                      np.where(out.mask, out.depth, 0.8).astype(np.float32))
-    seg = SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
+    obs, seg = _scene(obj, T)
     st = _TwinStages(seg, T @ shape_symmetries(obj)[20])
     pipe = Pipeline([obj], st.segment, st.match, st.correspond, st)
     pipe.config = load_config({"pipeline": {"calibration": "none", "depth_seg": False, "symmetry_search": False}})
@@ -197,17 +191,11 @@ def test_near_symmetries_of_a_tapered_can():
 @pytest.mark.gl
 def test_colour_search_rights_an_upside_down_tapered_can(verifier):
     trimesh = pytest.importorskip("trimesh")
-    from osop_ros.core.render import Renderer
     from osop_ros.core.symmetry import SymmetrySearchConfig, approximate_symmetries
 
     obj = _obj(_tapered_banded_can(trimesh), "tapered")
     T = make_T(rotation_about_axis(np.array([1.0, 0.2, 0.1]), 1.1), np.array([0.0, 0.0, 0.45]))
-    with Renderer() as r:
-        r.add_object("m", obj.model)
-        out = r.render(CAM.K, CAM.width, CAM.height, [("m", T)])
-    obs = Observation(np.where(out.mask[..., None], out.rgb, np.uint8(90)), CAM,
-                      np.where(out.mask, out.depth, 0.8).astype(np.float32))
-    seg = SegmentationResult(out.mask, out.mask.astype(np.float32), mask_to_box(out.mask), 0.9)
+    obs, seg = _scene(obj, T)
     cfg = SymmetrySearchConfig(approx_tol_frac=0.06)
     flips = [S for S in approximate_symmetries(obj, cfg) if round(rotation_angle_deg(S[:3, :3], np.eye(3))) == 180]
     upside_down = T @ flips[0]

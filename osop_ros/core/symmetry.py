@@ -21,13 +21,14 @@ its pose. Measured in docs/results.md (session 15).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from osop_ros.core.geometry import rotation_about_axis, transform_points
+from osop_ros.core.geometry import rotation_about_axis, rotation_angle_deg, transform_points
 
 if TYPE_CHECKING:
     from osop_ros.core.mesh import ObjectModel
@@ -104,7 +105,7 @@ def shape_symmetries(
             rots.extend(R @ flips[j] for j in range(3) if j != i)
     found: list[tuple[float, np.ndarray]] = []
     for R in rots:
-        angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(R) - 1.0) / 2.0))))
+        angle = rotation_angle_deg(R, np.eye(3))
         if angle < 1.0 or any(np.abs(R - S[:3, :3]).max() < 1e-3 for _, S in found):
             continue
         S = np.eye(4)
@@ -122,8 +123,13 @@ def shape_symmetries(
 
 def approximate_symmetries(obj: OnboardedObject, config: SymmetrySearchConfig | None = None) -> list[np.ndarray]:
     """Transforms within ``config.approx_tol_frac`` but not ``tol_frac`` of a symmetry (a slightly tapered
-    can upside down): the twin needs ICP before it fits; empty when ``approx_tol_frac`` <= ``tol_frac``."""
+    can upside down), then those that fit only at ``partial_quantile``: such twins need ICP before they fit.
+    Empty when both are off; cached in ``obj.extra`` (the search asks for them on every frame)."""
     c = config or SymmetrySearchConfig()
+    cache = obj.extra.setdefault("shape_symmetries", {})
+    key = ("approximate", *dataclasses.astuple(c))
+    if key in cache:
+        return cache[key]
     exact = shape_symmetries(obj, c)
     out: list[np.ndarray] = []
     if c.approx_tol_frac > c.tol_frac:
@@ -133,6 +139,7 @@ def approximate_symmetries(obj: OnboardedObject, config: SymmetrySearchConfig | 
         seen = exact + out
         out += [S for S in shape_symmetries(obj, c, quantile=c.partial_quantile)
                 if not any(np.abs(S - E).max() < 1e-6 for E in seen)]
+    cache[key] = out
     return out
 
 

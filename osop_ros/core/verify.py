@@ -262,6 +262,19 @@ class Verifier:
         )
         return _Crop(box, (Wc, Hc), Kc)
 
+    def _render_crop(self, crop: _Crop, obj: OnboardedObject, T: np.ndarray) -> Any | None:
+        """Render ``obj`` at ``T`` (4, 4) into ``crop``; None when its centre is not in front of the camera."""
+        z = float(transform_points(T, obj.model.center[None])[0, 2])
+        if not math.isfinite(z) or z <= 1e-3:
+            return None
+        r, _ = self._renderer()
+        return r.render(crop.Kc, crop.size[0], crop.size[1], [(self._key(obj), T)], znear=max(1e-3, 0.25 * z))
+
+    @staticmethod
+    def _inside(crop: _Crop, shape: tuple[int, int]) -> np.ndarray:
+        """(Hc, Wc) bool: the crop pixels that lie inside the ``shape`` = (H, W) image."""
+        return _resize(_region(np.ones(shape, np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+
     # -- scoring ---------------------------------------------------------------------------------
     def verify(
         self,
@@ -283,12 +296,12 @@ class Verifier:
         crop = self._crop(K, T, obj, None if seg is None else seg.box, (H, W))
         if crop is None:
             return zero
-        r, _ = self._renderer()
-        out = r.render(crop.Kc, crop.size[0], crop.size[1], [(self._key(obj), T)],
-                       znear=max(1e-3, 0.25 * float(np.min(transform_points(T, obj.model.center[None])[:, 2]))))
+        out = self._render_crop(crop, obj, T)
+        if out is None:
+            return zero
         rend = out.mask
         d_r = out.depth
-        inside = _resize(_region(np.ones((H, W), np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+        inside = self._inside(crop, (H, W))
         rend_in = rend & inside
         if int(rend_in.sum()) < c.min_render_px:
             return Verification(0.0, {**zero.features}, crop.box, crop.size[0] / (crop.box[2] - crop.box[0]))
@@ -382,20 +395,16 @@ class Verifier:
         crop = self._crop(K, np.asarray(Ts[0], np.float64), obj, None if seg is None else seg.box, (H, W))
         if crop is None:
             return out
-        r, _ = self._renderer()
-        key = self._key(obj)
-        inside = _resize(_region(np.ones((H, W), np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+        inside = self._inside(crop, (H, W))
         rgb_o = _resize(_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
         lab_o = cv2.cvtColor(cv2.GaussianBlur(rgb_o, (3, 3), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
         depth = obs.depth if (use_depth and obs.depth is not None) else None
         d_o = None if depth is None else _resize(_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
         kernel = np.ones((3, 3), np.uint8)
         for n, T in enumerate(Ts):
-            T = np.asarray(T, dtype=np.float64)
-            z = transform_points(T, obj.model.center[None])[:, 2]
-            if not np.all(np.isfinite(z)) or float(z.min()) <= 1e-3:
+            ren = self._render_crop(crop, obj, np.asarray(T, dtype=np.float64))
+            if ren is None:
                 continue
-            ren = r.render(crop.Kc, crop.size[0], crop.size[1], [(key, T)], znear=max(1e-3, 0.25 * float(z.min())))
             vis = ren.mask & inside
             if d_o is not None:
                 tol = np.maximum(c.depth_tol_floor, c.depth_tol_frac_z * ren.depth)
