@@ -80,6 +80,7 @@ def test_eval_stages_runs(synth: Path, tmp_path: Path, tiny_weights: Path) -> No
     assert s["n_instances"] == 3
     assert s["stage1_n_foreign_queries"] >= 1 and 0.0 <= s["stage1_foreign_false_pos"] <= 1.0
     assert 0.0 <= s["stage1_mean_iou"] <= 1.0
+    assert 0.0 <= s["stage1_top_mean_iou"] <= 1.0  # the first component (descriptor order by default)
     assert 0.0 <= s["stage2_median_rot_err_deg"] <= 180.0
     assert s["stage3_median_coord_err_pct_diam"] >= 0.0
     s1 = evaluate_stages(

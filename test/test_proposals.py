@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from osop_ros.core.config import load_config
+from osop_ros.core.matching import TemplateMatcher
 from osop_ros.core.proposals import (
     ProposalConfig,
     ProposalSegmenter,
@@ -17,6 +19,7 @@ from osop_ros.core.proposals import (
     mask_nms,
     probability_peaks,
 )
+from osop_ros.core.segmentation import OneShotSegmenter
 from osop_ros.core.types import CameraIntrinsics, InvalidInputError, Observation
 from osop_ros.nets import mobile_sam
 from osop_ros.nets.tensors import mask_tensor, rgb_tensor
@@ -50,19 +53,17 @@ class ColourShape(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(rgb * m + m, 4).flatten(1)
 
 
-class FakeMatcher:
-    """The two things the proposals use of a TemplateMatcher: ``net``/``device`` and ``bank_embeddings``.
-
-    The "template" of an object is its crop in the scene, framed as a query crop.
-    """
+class FakeMatcher(TemplateMatcher):
+    """A TemplateMatcher with the colour-layout descriptor whose "template" of an object is its crop in the
+    scene, framed as a query crop (objects are dicts of ``rgb`` and ``mask``)."""
 
     def __init__(self) -> None:
-        self.net, self.device = ColourShape(), torch.device("cpu")
+        super().__init__(ColourShape(), torch.device("cpu"))
 
-    def bank_embeddings(self, obj: dict) -> torch.Tensor:
+    def bank_embeddings(self, obj: dict | SimpleNamespace) -> torch.Tensor:
         from osop_ros.core.geometry import CropBox, mask_to_box
 
-        rgb, m = obj["rgb"], obj["mask"]
+        rgb, m = (obj["rgb"], obj["mask"]) if isinstance(obj, dict) else (obj.rgb, obj.mask)
         box = CropBox.from_box(mask_to_box(m), pad=1.2)
         crop, mc = box.apply(rgb, 64)[None], box.apply(m.astype(np.uint8), 64)[None].astype(np.float32)
         return self.net(rgb_tensor(crop, self.device), mask_tensor(mc, self.device))
@@ -201,3 +202,53 @@ def test_head_peaks_prompt_and_min_score_rejects(sam: torch.nn.Module) -> None:
     flat = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4)
     no_peaks = ProposalSegmenter(FlatHead(0.1), sam, FakeMatcher(), flat)
     assert no_peaks(_obs(rgb), {"rgb": rgb, "mask": disk}) == []  # a flat head map has no peaks >= 0.3
+
+
+class FixedHead(OneShotSegmenter):
+    """The OSOP head with a fixed probability map (no network): both shapes found, the rectangle larger."""
+
+    def __init__(self, prob: np.ndarray, ranking: str, ranker: TemplateMatcher | None) -> None:
+        super().__init__(torch.nn.Identity(), torch.device("cpu"), ranking=ranking, ranker=ranker)
+        self.prob = prob
+
+    def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+        return self.prob
+
+
+def _two_blob_prob(disk: np.ndarray, rect: np.ndarray) -> np.ndarray:
+    prob = np.zeros((H, W), np.float32)
+    prob[disk], prob[rect] = 0.7, 0.8
+    return prob
+
+
+def _bank(rgb: np.ndarray, mask: np.ndarray) -> SimpleNamespace:
+    """An object as the head's ranking sees it: its templates' crop size, and what FakeMatcher reads."""
+    return SimpleNamespace(bank=SimpleNamespace(crop_size=64), rgb=rgb, mask=mask)
+
+
+def test_head_components_ranked_by_template_descriptor() -> None:
+    rgb, disk, rect = _scene()
+    obs, prob = _obs(rgb), _two_blob_prob(disk, rect)
+    seg = FixedHead(prob, "descriptor", FakeMatcher())
+    red, blue = seg(obs, _bank(rgb, disk)), seg(obs, _bank(rgb, rect))
+    assert len(red) == len(blue) == 2
+    assert _iou(red[0].mask, disk) > 0.99 and _iou(blue[0].mask, rect) > 0.99  # the queried object first
+    assert red[0].score == pytest.approx(0.7) and blue[0].score == pytest.approx(0.8)
+    for r in (red, blue):
+        assert r[0].rank_score is not None and r[0].rank_score > r[1].rank_score
+        assert r[0].rank_margin == pytest.approx(r[0].rank_score - r[1].rank_score, abs=1e-5)
+        assert r[1].rank_margin == pytest.approx(-r[0].rank_margin, abs=1e-5)
+    # the old rule ignores the object: the larger, more probable rectangle first for both queries
+    old = FixedHead(prob, "head", None)
+    assert _iou(old(obs, _bank(rgb, disk))[0].mask, rect) > 0.99
+    assert old(obs, _bank(rgb, disk))[0].rank_score is None
+
+
+def test_head_ranking_validated() -> None:
+    with pytest.raises(InvalidInputError, match="needs the stage-2 matcher"):
+        FixedHead(np.zeros((H, W), np.float32), "descriptor", None)
+    with pytest.raises(InvalidInputError, match="ranking"):
+        FixedHead(np.zeros((H, W), np.float32), "bogus", FakeMatcher())
+    with pytest.raises(InvalidInputError, match="seg_ranking"):
+        load_config({"pipeline": {"seg_ranking": "area"}})
+    assert load_config({}).pipeline.seg_ranking == "descriptor"

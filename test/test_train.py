@@ -243,3 +243,36 @@ def test_train_config_coerces_overrides(tmp_path: Path) -> None:
     for bad in ({"lr": "fast"}, {"max_steps": 2.5}, {"amp": "yes"}, {"task": [1, 2]}):
         with pytest.raises(InvalidInputError, match=next(iter(bad))):
             TrainConfig.from_yaml(path, bad)
+
+
+def test_segment_hard_absent_queries_take_look_alikes(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    """``p_hard_absent``: absent queries are nearest neighbours (frozen template vectors) of a present object."""
+    cfg = _cfg(shards, "segment", tmp_path / "seg_hard", model=TINY_SEG)
+    opts = {"crop": [32, 48], "templates": [2, 4], "p_absent": 1.0, "p_hard_absent": 1.0, "hard_neighbours": 1}
+    task = SegmentTask(cfg.path("train_dir"), cfg.path("val_dir"), 2, TINY_SEG, opts)
+    n = len(task.tobj["obj_id"])
+    # object vectors on a line: each object's nearest other object is its index neighbour
+    vec = np.zeros((n, 2, 4), np.float16)
+    vec[:, :, 0] = np.arange(n)[:, None] * 10.0
+    vec[:, :, 1] = 1.0
+    monkeypatch.setattr(SegmentTask, "_raw_vectors", lambda self, net, objs, device: [vec])
+    with pytest.raises(ValueError, match="featseg"):
+        task.neighbours(torch.nn.Identity(), torch.device("cpu"))
+    from osop_ros.nets.featnets import FeatSegNet
+
+    monkeypatch.setattr(FeatSegNet, "__init__", lambda self: torch.nn.Module.__init__(self))
+    nb = task.neighbours(FeatSegNet(), torch.device("cpu"))
+    assert nb.shape == (n, 1) and all(abs(int(nb[r, 0]) - r) == 1 for r in range(n))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for i in task.t_images[:20]:
+        oid = task._absent_object(i, rng, torch.nn.Identity(), torch.device("cpu"))
+        assert oid not in task.t_present[i]
+        near = {int(task.tobj["obj_id"][nb[task.t_index[p], 0]]) for p in task.t_present[i]}
+        if near - set(task.t_present[i]):
+            assert oid in near  # a look-alike whenever one is absent from the image
+            checked += 1
+    assert checked > 0
+    task.p_hard_absent = 0.0  # plain absent queries: any object not in the image
+    assert all(task._absent_object(i, rng, torch.nn.Identity(), torch.device("cpu")) not in task.t_present[i]
+               for i in task.t_images[:20])

@@ -116,6 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seg-input-width", type=int, default=None, help="stage 1 input width (default: the config's)")
     p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
                    help="stage 1: OSOP head or MobileSAM proposals (default: pipeline.segmenter)")
+    p.add_argument("--seg-ranking", choices=("descriptor", "head"), default=None,
+                   help="order of the head's components (default: pipeline.seg_ranking)")
     p.add_argument("--verify-candidates", type=int, default=None,
                    help="stage-1 candidates verified per object (default: pipeline.verify_candidates)")
     p.add_argument("--max-instances", type=_max_instances, default=None,
@@ -173,6 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--stage1-only", action="store_true", help="measure stage 1 only (skips stages 2-3)")
     q.add_argument("--segmenter", choices=("head", "proposals"), default="head",
                    help="stage 1: the OSOP head (mask prob >= 0.5) or MobileSAM proposals ranked by descriptors")
+    q.add_argument("--seg-ranking", choices=("descriptor", "head"), default=None,
+                   help="order of the head's components for the top-component IoU (default: pipeline.seg_ranking)")
     q.add_argument("--proposal-grid", type=_int_list, default=None, metavar="GX,GY",
                    help="proposals: grid of point prompts (default 4,3)")
     q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
@@ -216,6 +220,7 @@ def stages_handler(args: argparse.Namespace) -> int:
             absent_from=args.absent_from,
             stage1_only=args.stage1_only,
             segmenter=args.segmenter,
+            seg_ranking=args.seg_ranking,
             proposal=_proposal_config(args),
         )
     )
@@ -257,6 +262,7 @@ def handler(args: argparse.Namespace) -> int:
         symmetry_search=args.symmetry_search,
         seg_input_width=args.seg_input_width,
         segmenter=args.segmenter,
+        seg_ranking=args.seg_ranking,
         verify_candidates=args.verify_candidates,
         device=args.device,
         max_instances=args.max_instances,

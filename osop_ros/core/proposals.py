@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from osop_ros.core.geometry import mask_to_box
-from osop_ros.core.matching import QUERY_PAD, TemplateMatcher, embed_templates
+from osop_ros.core.matching import TemplateMatcher
 from osop_ros.core.segmentation import OneShotSegmenter
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import InvalidInputError, Observation, SegmentationResult
@@ -206,17 +205,7 @@ class ProposalSegmenter:
 
     def _describe(self, rgb: np.ndarray, masks: np.ndarray) -> torch.Tensor:
         """(N, D) L2-normalised descriptors of the mask crops (framed like the stage-2 query)."""
-        from osop_ros.core.geometry import CropBox
-
-        S = self.crop_size
-        crops = np.zeros((len(masks), S, S, 3), np.uint8)
-        mcrops = np.zeros((len(masks), S, S), np.float32)
-        for i, m in enumerate(masks):
-            box = CropBox.from_box(mask_to_box(m), pad=QUERY_PAD)
-            crops[i] = box.apply(rgb, S)
-            mcrops[i] = box.apply(m.astype(np.uint8), S, cv2.INTER_NEAREST)
-        emb = embed_templates(self.matcher.net, crops, mcrops, self.matcher.device)
-        return F.normalize(emb.float(), dim=1)
+        return self.matcher.describe_masks(rgb, masks, self.crop_size)
 
     # --- per object ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,8 +224,7 @@ class ProposalSegmenter:
         if len(masks) == 0:
             return []
         desc = torch.cat([d for d in (fr.grid.desc, peaks.desc) if len(d)])
-        bank = F.normalize(self.matcher.bank_embeddings(obj).float(), dim=1)
-        cos = (desc.to(bank.device) @ bank.T).max(1).values.cpu().numpy()
+        cos = self.matcher.template_similarity(desc, obj)
         flat = masks.reshape(len(masks), -1)
         area = flat.sum(1)
         head_mean = (flat.astype(np.float32) @ prob.ravel()) / np.maximum(area, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 import torch
@@ -10,6 +12,11 @@ from osop_ros.core.geometry import mask_to_box
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import Observation, SegmentationResult
 from osop_ros.nets.tensors import mask_tensor, rgb_tensor
+
+if TYPE_CHECKING:
+    from osop_ros.core.matching import TemplateMatcher
+
+RANKINGS = ("descriptor", "head")
 
 
 def coarse_view_subset(view_index: np.ndarray, n_target: int = 48) -> np.ndarray:
@@ -27,6 +34,12 @@ class OneShotSegmenter:
     The network runs at ``input_width`` (aspect kept); probabilities are resized back to the full
     image. Template vectors of a strided subset of ``n_templates`` views (about what the network
     saw per query in training) are computed once per object and cached on the device.
+
+    Components are ranked (``ranking``) by ``"head"``: mean probability x sqrt(area), or by
+    ``"descriptor"``: the best cosine of the component's stage-2 descriptor to the object's templates
+    (``ranker``, a :class:`~osop_ros.core.matching.TemplateMatcher`) + ``head_weight`` x mean
+    probability, the rule of the proposal segmenter (docs/design.md); ``rank_score`` and
+    ``rank_margin`` of the results are then set.
     """
 
     def __init__(
@@ -37,7 +50,19 @@ class OneShotSegmenter:
         threshold: float = 0.5,
         n_templates: int = 48,
         min_area_frac: float = 2e-4,
+        ranking: str = "head",
+        ranker: TemplateMatcher | None = None,
+        head_weight: float = 0.2,
     ) -> None:
+        from osop_ros.core.types import InvalidInputError
+
+        if ranking not in RANKINGS:
+            raise InvalidInputError(f"stage-1 ranking must be one of {RANKINGS}, got {ranking!r}")
+        if ranking == "descriptor" and ranker is None:
+            raise InvalidInputError("stage-1 ranking 'descriptor' needs the stage-2 matcher (ranker)")
+        self.ranking = ranking
+        self.ranker = ranker
+        self.head_weight = head_weight
         self.net = net.eval()
         self.device = device
         self.input_width = input_width
@@ -94,5 +119,21 @@ class OneShotSegmenter:
                 continue
             m = labels == i
             out.append(SegmentationResult(mask=m, prob=prob, box=mask_to_box(m), score=float(prob[m].mean())))
+        if self.ranking == "descriptor" and out:
+            return self._rank_by_descriptor(obs, obj, out)
         out.sort(key=lambda s: -s.score * np.sqrt(s.mask.sum()))
         return out
+
+    def _rank_by_descriptor(
+        self, obs: Observation, obj: OnboardedObject, segs: list[SegmentationResult]
+    ) -> list[SegmentationResult]:
+        """``segs`` sorted by template-descriptor cosine + ``head_weight`` x mean probability (best first)."""
+        assert self.ranker is not None
+        desc = self.ranker.describe_masks(obs.rgb, [s.mask for s in segs], obj.bank.crop_size)
+        rank = self.ranker.template_similarity(desc, obj) + self.head_weight * np.array([s.score for s in segs])
+        order = np.argsort(-rank, kind="stable")
+        for i, s in enumerate(segs):
+            s.rank_score = float(rank[i])
+            others = np.delete(rank, i)
+            s.rank_margin = float(rank[i] - others.max()) if len(others) else None
+        return [segs[i] for i in order]

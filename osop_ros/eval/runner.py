@@ -162,7 +162,7 @@ class EvalOptions:
     ``config``: the pipeline configuration (None = the node's ``config/osop.yaml``); the options
     ``modality``, ``correspondence`` (None = learned, what the node runs), ``top_k``, ``icp``, ``verify``,
     ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg``, ``symmetry_search``, ``segmenter``,
-    ``verify_candidates`` and ``device`` override it when not None.
+    ``seg_ranking``, ``verify_candidates`` and ``device`` override it when not None.
     ``max_instances``: None = the config's, ``"targets"`` = the BOP ``inst_count`` of each target.
     ``absent``: per image, also query this many objects of ``objects`` (None: of the dataset) that are not
     in the image (each is onboarded).
@@ -189,6 +189,7 @@ class EvalOptions:
     depth_seg: bool | None = None
     symmetry_search: bool | None = None
     segmenter: str | None = None
+    seg_ranking: str | None = None
     verify_candidates: int | None = None
     device: str | None = None
     max_instances: int | str | None = None
@@ -237,7 +238,8 @@ class EvalOptions:
                          ("score_threshold", self.score_threshold), ("seg_input_width", self.seg_input_width),
                          ("calibration", self.calibration), ("depth_seg", self.depth_seg),
                          ("symmetry_search", self.symmetry_search),
-                         ("segmenter", self.segmenter), ("verify_candidates", self.verify_candidates)):
+                         ("segmenter", self.segmenter), ("seg_ranking", self.seg_ranking),
+                         ("verify_candidates", self.verify_candidates)):
             if val is not None:
                 over[key] = val
         if self.modality is not None:
@@ -306,7 +308,7 @@ def default_stage_factory(device: str = "auto", weights_dir: Path | None = None)
         n = cache["nets"]
         p = ctx.config.pipeline if ctx.config is not None else PipelineConfig()
         if name == "segmenter":
-            if p.segmenter == "head" or ctx.config is None:
+            if ctx.config is None:
                 return OneShotSegmenter(n.segnet, n.device, input_width=p.seg_input_width)
             from osop_ros.core.factory import build_segmenter
 

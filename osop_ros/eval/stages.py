@@ -1,7 +1,9 @@
 """Per-stage measurements of the learned networks on any BOP dataset (``osop eval-stages``).
 
 Each stage is measured on its own, with ground truth for its inputs:
-* stage 1: IoU of the predicted mask of the queried object with its visible GT mask;
+* stage 1: IoU of the predicted mask of the queried object with its visible GT mask (head: all pixels
+  with probability >= 0.5, and separately the top-ranked component, the first candidate the pipeline
+  verifies; proposals: the top proposal);
 * stage 2: rotation error (symmetry-aware, after in-plane refinement) of the top-1 template, query
   crop framed on the GT visible mask; GT rotation corrected to an object-centred view;
 * stage 3: 3D error of the predicted model coordinates at visible GT pixels, in % of the diameter,
@@ -44,6 +46,7 @@ class StageEvalOptions:
     n_foreign: int = 8  # objects of ``absent_from`` onboarded (queried in turn)
     stage1_only: bool = False  # skip stages 2 and 3 (no descriptor banks to embed: much faster on new objects)
     segmenter: str = "head"  # stage 1: head (OSOP head, prob >= 0.5) | proposals (MobileSAM, core/proposals.py)
+    seg_ranking: str | None = None  # head components' order (None = the pipeline default), see PipelineConfig
     proposal: Any | None = None  # ProposalConfig; None = its defaults
 
 
@@ -51,7 +54,7 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
     """Run the three learned stages on the dataset's targets; returns per-stage statistics."""
     from tqdm import tqdm
 
-    from osop_ros.core.config import load_config
+    from osop_ros.core.config import PipelineConfig, load_config
     from osop_ros.core.correspondence import DenseCorrespondence
     from osop_ros.core.factory import Networks
     from osop_ros.core.geometry import (
@@ -99,8 +102,9 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         fds = BopDataset(opts.absent_from, opts.split)
         foreign = [onboard(fds, oid, f"foreign_{oid:06d}") for oid in fds.obj_ids[: opts.n_foreign]]
     frame = OracleFrame(renderer, keys)
-    seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width)
     matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=1, inplane=opts.inplane)
+    seg = OneShotSegmenter(nets.segnet, nets.device, input_width=opts.seg_input_width,
+                           ranking=opts.seg_ranking or PipelineConfig().seg_ranking, ranker=matcher)
     if opts.segmenter not in ("head", "proposals"):
         raise ValueError(f"segmenter must be head|proposals, got {opts.segmenter!r}")
     proposer = None
@@ -112,19 +116,23 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         sam = MobileSAM.from_package(pcfg.image_size).to(nets.device)
         proposer = ProposalSegmenter(seg, sam, matcher, pcfg, crop_size=tcfg.crop_size)
 
-    def stage1(obs, obj: OnboardedObject) -> tuple[np.ndarray, float | None]:  # noqa: ANN001
-        """(H, W) bool mask of the top stage-1 answer and its ranking score (proposals only)."""
+    def stage1(obs, obj: OnboardedObject) -> tuple[np.ndarray, np.ndarray, float | None]:  # noqa: ANN001
+        """(H, W) bool masks of the stage-1 answer (head: prob >= 0.5) and of its top-ranked candidate, and
+        the ranking score (proposals only)."""
         if proposer is None:
-            return seg.probability(obs, obj) >= 0.5, None
+            r = seg(obs, obj)
+            top = r[0].mask if r else np.zeros(obs.rgb.shape[:2], bool)
+            return r[0].prob >= 0.5 if r else top, top, None
         r = proposer(obs, obj)
         if not r:
-            return np.zeros(obs.rgb.shape[:2], bool), None
-        return r[0].mask, r[0].rank_score
+            return np.zeros(obs.rgb.shape[:2], bool), np.zeros(obs.rgb.shape[:2], bool), None
+        return r[0].mask, r[0].mask, r[0].rank_score
 
     oracle_match = OracleMatcher(frame, top_k=1)
     corr = DenseCorrespondence(nets.corrnet, nets.device, mask_threshold=0.0)
     res: dict[str, list] = {
         "iou": [],
+        "top_iou": [],
         "rot_err": [],
         "coord_err_pct": [],
         "coord_err_inst_pct": [],
@@ -149,12 +157,12 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         # stage 1 "not here": query one dataset object that is not in this image
         absent = [o for o in obj_ids if o not in {g.obj_id for g in gts}]
         if absent and n < opts.max_targets:
-            pa, ra = stage1(obs, objects[absent[(sid * 31 + iid) % len(absent)]])
+            pa, _, ra = stage1(obs, objects[absent[(sid * 31 + iid) % len(absent)]])
             res["absent_fp"].append(float(pa.mean() > opts.absent_area_frac))
             if ra is not None:
                 res["rank_absent"].append(ra)
         if foreign and n < opts.max_targets:  # an object of another dataset: certainly not here
-            pf, rf = stage1(obs, foreign[len(res["foreign_fp"]) % len(foreign)])
+            pf, _, rf = stage1(obs, foreign[len(res["foreign_fp"]) % len(foreign)])
             res["foreign_fp"].append(float(pf.mean() > opts.absent_area_frac))
             if rf is not None:
                 res["rank_absent"].append(rf)
@@ -167,9 +175,9 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
                     break
                 n += 1
                 # stage 1
-                pm, rank = stage1(obs, obj)
-                union = (pm | vis[gi]).sum()
-                res["iou"].append(float((pm & vis[gi]).sum() / union) if union else 0.0)
+                pm, top, rank = stage1(obs, obj)
+                res["iou"].append(_iou(pm, vis[gi]))
+                res["top_iou"].append(_iou(top, vis[gi]))
                 if rank is not None:
                     res["rank_present"].append((rank, res["iou"][-1]))
                 res["obj"].append(tg.obj_id)
@@ -209,6 +217,8 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
         "n_instances": n,
         "stage1_mean_iou": round(float(iou.mean()), 4) if len(iou) else None,
         "stage1_iou_ge_0.5": round(float((iou >= 0.5).mean()), 4) if len(iou) else None,
+        "stage1_top_mean_iou": round(float(np.mean(res["top_iou"])), 4) if res["top_iou"] else None,
+        "stage1_top_iou_ge_0.5": round(float((np.array(res["top_iou"]) >= 0.5).mean()), 4) if res["top_iou"] else None,
         "stage1_absent_false_pos": round(float(np.mean(res["absent_fp"])), 4) if res["absent_fp"] else None,
         "stage1_n_absent_queries": len(res["absent_fp"]),
         "stage1_foreign_false_pos": round(float(np.mean(res["foreign_fp"])), 4) if res["foreign_fp"] else None,
@@ -235,6 +245,12 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
             }
     summary["per_object"] = per_obj
     return summary
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (H, W) bool masks (0 when both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
 
 
 def min_score_sweep(

@@ -1,8 +1,10 @@
 """Stage 1 training: image + template vectors of the queried object -> its mask (Dice + BCE).
 
-Each sample queries one object of a synthetic image (15 % of the time an object that is absent,
-target empty, so the network learns to answer "not here"); its template vectors come from K
-random views of the object's mini template bank, computed by the same encoder with gradients.
+Each sample queries one object of a synthetic image (``p_absent`` of the time an object that is
+absent, target empty, so the network learns to answer "not here"; ``p_hard_absent`` of those absent
+queries take a look-alike of an object in the image: one of its ``hard_neighbours`` nearest objects by
+frozen-backbone template vectors); its template vectors come from K random views of the object's mini
+template bank, computed by the same encoder with gradients.
 Validation: mean IoU of the queried object's mask on held-out objects (at 320 x 240).
 """
 
@@ -55,6 +57,9 @@ class SegmentTask:
         self.k_range = tuple(opts.get("templates", (12, 24)))
         self.p_absent = float(opts.get("p_absent", 0.15))
         self.max_val = int(opts.get("max_val", 200))
+        self.p_hard_absent = float(opts.get("p_hard_absent", 0.0))
+        self.hard_neighbours = int(opts.get("hard_neighbours", 16))
+        self._neighbours: np.ndarray | None = None  # (N_obj, hard_neighbours) train rows, built on first use
         self.gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
 
     def build_model(self) -> nn.Module:
@@ -114,6 +119,35 @@ class SegmentTask:
         vecs = net.template_vectors(r, m, hist.repeat_interleave(k, 0))
         return [v.view(b, k, -1) for v in vecs], hist
 
+    @torch.no_grad()
+    def neighbours(self, net: nn.Module, device: torch.device) -> np.ndarray:
+        """(N_obj, k) rows of each training object's k most similar other objects (cosine of the view-averaged,
+        concatenated frozen-backbone template vectors of all levels)."""
+        if self._neighbours is None:
+            if not isinstance(net, FeatSegNet):
+                raise ValueError("p_hard_absent needs the featseg model (frozen-backbone template vectors)")
+            raw = self._raw_vectors(net, self.tobj, device)
+            d = np.concatenate([r.astype(np.float32).mean(1) for r in raw], axis=1)
+            d = (d - d.mean(0)) / (d.std(0) + 1e-6)
+            d /= np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
+            sim = d @ d.T
+            np.fill_diagonal(sim, -np.inf)
+            k = min(self.hard_neighbours, len(d) - 1)
+            self._neighbours = np.argsort(-sim, axis=1)[:, :k]
+        return self._neighbours
+
+    def _absent_object(self, i: int, rng: np.random.Generator, model: nn.Module, device: torch.device) -> int:
+        """An object id not in training image ``i``: a look-alike of a present one ``p_hard_absent`` of the time."""
+        net = model.module if hasattr(model, "module") else model
+        present = set(self.t_present[i])
+        if self.p_hard_absent > 0 and rng.random() < self.p_hard_absent:
+            rows = self.neighbours(net, device)[self.t_index[int(rng.choice(self.t_present[i]))]]
+            ids = [int(self.tobj["obj_id"][r]) for r in rows]
+            hard = [o for o in ids if o not in present]
+            if hard:
+                return int(rng.choice(hard))
+        return int(rng.choice([o for o in self.t_index if o not in present]))
+
     def step(self, model: nn.Module, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
         B = self.batch_size
         h, w = self.crop
@@ -122,8 +156,7 @@ class SegmentTask:
         for _ in range(B):
             i = int(rng.choice(self.t_images))
             if rng.random() < self.p_absent:
-                absent = [o for o in self.t_index if o not in self.t_present[i]]
-                oid = int(rng.choice(absent))
+                oid = self._absent_object(i, rng, model, device)
             else:
                 oid = int(rng.choice(self.t_present[i]))
             y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
