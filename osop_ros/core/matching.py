@@ -172,6 +172,8 @@ class TemplateMatcher:
         import cv2
         import torch.nn.functional as F
 
+        if len(masks) == 0:
+            return torch.zeros(0, 1, device=self.device)
         S = crop_size
         crops = np.zeros((len(masks), S, S, 3), np.uint8)
         mcrops = np.zeros((len(masks), S, S), np.float32)
@@ -179,8 +181,6 @@ class TemplateMatcher:
             box = CropBox.from_box(mask_to_box(m), pad=QUERY_PAD)
             crops[i] = box.apply(rgb, S)
             mcrops[i] = box.apply(m.astype(np.uint8), S, cv2.INTER_NEAREST)
-        if len(masks) == 0:
-            return torch.zeros(0, 1, device=self.device)
         return F.normalize(embed_templates(self.net, crops, mcrops, self.device).float(), dim=1)
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 
 from osop_ros.core.geometry import mask_to_box
 from osop_ros.core.matching import TemplateMatcher
-from osop_ros.core.segmentation import OneShotSegmenter
+from osop_ros.core.segmentation import OneShotSegmenter, rank_margins
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import InvalidInputError, Observation, SegmentationResult
 from osop_ros.nets.mobile_sam import SamImage
@@ -234,7 +234,7 @@ class ProposalSegmenter:
         else:
             keep = np.argsort(-score)
         distinct = [int(i) for i in keep]
-        margin = {i: float(score[i] - max((score[j] for j in distinct if j != i), default=np.nan)) for i in distinct}
+        margin = dict(zip(distinct, rank_margins(score[distinct]), strict=True))
         keep = [i for i in distinct if score[i] >= c.min_score][: c.max_results]
         return [
             SegmentationResult(
@@ -243,7 +243,7 @@ class ProposalSegmenter:
                 box=mask_to_box(masks[i]),
                 score=float(head_mean[i]),
                 rank_score=float(score[i]),
-                rank_margin=None if margin[i] != margin[i] else margin[i],
+                rank_margin=margin[i],
             )
             for i in keep
         ]

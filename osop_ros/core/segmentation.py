@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 RANKINGS = ("descriptor", "head")
 
 
+def rank_margins(scores: np.ndarray) -> list[float | None]:
+    """Per candidate: its ranking score minus the best score of the others; None when it is alone. scores (N,)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) < 2:
+        return [None] * len(s)
+    best = int(np.argmax(s))
+    second = np.delete(s, best).max()
+    return [float(v - (second if i == best else s[best])) for i, v in enumerate(s)]
+
+
 def coarse_view_subset(view_index: np.ndarray, n_target: int = 48) -> np.ndarray:
     """Indices of an evenly strided subset of viewpoints (in-plane index 0) of about ``n_target`` views."""
     base = np.nonzero(view_index[:, 2] == 0)[0]
@@ -131,9 +141,6 @@ class OneShotSegmenter:
         assert self.ranker is not None
         desc = self.ranker.describe_masks(obs.rgb, [s.mask for s in segs], obj.bank.crop_size)
         rank = self.ranker.template_similarity(desc, obj) + self.head_weight * np.array([s.score for s in segs])
-        order = np.argsort(-rank, kind="stable")
-        for i, s in enumerate(segs):
-            s.rank_score = float(rank[i])
-            others = np.delete(rank, i)
-            s.rank_margin = float(rank[i] - others.max()) if len(others) else None
-        return [segs[i] for i in order]
+        for s, r, m in zip(segs, rank, rank_margins(rank), strict=True):
+            s.rank_score, s.rank_margin = float(r), m
+        return [segs[i] for i in np.argsort(-rank, kind="stable")]
