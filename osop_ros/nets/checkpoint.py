@@ -101,12 +101,15 @@ def from_checkpoint(
     return model.to(resolve_device(device)).eval()
 
 
-def load_trained_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: object) -> None:
+def load_trained_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: object, optional: tuple[str, ...] = ()
+) -> None:
     """Load a checkpoint's (trained) state into ``model`` (as float32); parameters under the model's
-    ``frozen_prefixes`` (a pretrained backbone read from its package) may be absent. Raises CheckpointError
-    when anything else is missing or unexpected."""
+    ``frozen_prefixes`` (a pretrained backbone read from its package) or under ``optional`` (a warm start
+    from a file without them) may be absent. Raises CheckpointError when anything else is missing or
+    unexpected."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    frozen = tuple(getattr(model, "frozen_prefixes", ())) + tuple(optional)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -10,6 +10,8 @@ trained head (``frozen_prefixes`` are left out of the saved state dict and re-re
   with averaging, so the bank may store raw backbone vectors and training can precompute them);
   Pearson attention after levels 1-3, U-Net decoder, optional colour prior. ``head="cosine"`` is the
   training-free baseline: max-over-templates cosine similarity of raw local features, no trained part.
+  ``tune_levels = n`` trains a copy of the backbone blocks that feed the deepest n maps (image and
+  templates both go through it; the checkpoint then holds that copy, the rest stays in the package).
 * :class:`FeatMatchNet` (stage 2): the masked crop's stride-16 map, average-pooled to ``pool x pool``
   cells (layout kept), each cell L2-normalised, flattened -> unit vector. ``proj_dim > 0`` adds a
   learned 1x1 projection (trained contrastively like MatchNet); 0 = training-free descriptor.
@@ -17,6 +19,7 @@ trained head (``frozen_prefixes`` are left out of the saved state dict and re-re
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +52,8 @@ class FeatSegNetConfig(DictConfig):
     cosine_levels: tuple[int, ...] = (2, 3)  # cosine head: levels averaged (0-based: stride 16 and 32)
     cosine_tau: float = 0.25  # cosine head: similarity mapped to probability 0.5 (LM-O: GT median 0.22)
     cosine_scale: float = 20.0
+    tune_levels: int = 0  # 0 = frozen backbone; n = a trained copy of the blocks of the deepest n maps
+    tune_lr_scale: float = 0.2  # learning rate of the tuned blocks relative to the head's
 
 
 class FeatSegNet(nn.Module):
@@ -76,20 +81,73 @@ class FeatSegNet(nn.Module):
             self.head = nn.Conv2d(32, 1, 1)
         elif self.cfg.head != "cosine":
             raise ValueError(f"head must be learned|cosine, got {self.cfg.head!r}")
+        self.tuned: nn.ModuleList | None = None
+        if self.cfg.tune_levels:
+            if self.cfg.head != "learned":
+                raise ValueError("tune_levels needs the learned head")
+            self.tune_start = self.backbone.tail_start(self.cfg.tune_levels)
+            self.tuned = nn.ModuleList(copy.deepcopy(b) for b in self.backbone.tail_blocks(self.cfg.tune_levels))
+            for p in self.tuned.parameters():
+                p.requires_grad_(True)
 
-    @torch.no_grad()
+    # a warm start from a head-only file leaves the tuned copy as the pretrained blocks
+    warm_start_optional = ("tuned.",)
+
+    def train(self, mode: bool = True) -> FeatSegNet:
+        """BatchNorm of the backbone and of its tuned copy keeps the ImageNet statistics."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def param_groups(self, lr: float) -> list[dict[str, object]]:
+        """Optimiser groups: the head at ``lr``, the tuned blocks at ``lr * tune_lr_scale``."""
+        tuned = {id(p) for p in self.tuned.parameters()} if self.tuned is not None else set()
+        head = [p for p in self.parameters() if p.requires_grad and id(p) not in tuned]
+        groups = [{"params": head, "lr": lr, "lr_scale": 1.0}]
+        if tuned:
+            s = self.cfg.tune_lr_scale
+            groups.append({"params": list(self.tuned.parameters()), "lr": lr * s, "lr_scale": s})
+        return groups
+
     def features(self, rgb: torch.Tensor) -> list[torch.Tensor]:
-        """Frozen backbone maps (strides 4, 8, 16, 32) of (B, 3, H, W) rgb in [0, 1]."""
-        return self.backbone(rgb)
+        """Backbone maps (strides 4, 8, 16, 32) of (B, 3, H, W) rgb in [0, 1]; gradients reach only the
+        tuned blocks (if any)."""
+        if self.tuned is None:
+            with torch.no_grad():
+                return self.backbone(rgb)
+        with torch.no_grad():
+            head, x = self.backbone.forward_head(rgb, self.tune_start)
+        return head + self.backbone.forward_tail(x, self.tune_start, self.tuned)
 
     @torch.no_grad()
-    def raw_template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone vectors [(T, C_l)] of masked template crops (T, 3, S, S), (T, 1, S, S), levels 0..3."""
+    def pre_tune_maps(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Frozen input maps (T, C, h, w) of the tuned blocks for masked template crops (T, 3, S, S), (T, 1, S, S)
+        (training caches them once)."""
+        x, _ = self._template_input(rgb, mask)
+        return self.backbone.forward_head(x, self.tune_start)[1]
+
+    def tuned_template_vectors(self, pre: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Raw vectors [(T, C_l)] of the tuned levels from :meth:`pre_tune_maps` (with gradients)."""
+        assert self.tuned is not None
+        s = self.cfg.template_size
+        m = mask if mask.shape[-1] == s else F.interpolate(mask, size=(s, s), mode="bilinear", align_corners=False)
+        maps = self.backbone.forward_tail(pre, self.tune_start, self.tuned)
+        return [masked_average(f, m) for f in maps]
+
+    def _template_input(self, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.cfg.template_size
         x, m = rgb * mask, mask
         if x.shape[-1] != s:
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
             m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+        return x, m
+
+    @torch.no_grad()
+    def raw_template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone vectors [(T, C_l)] of masked template crops (T, 3, S, S), (T, 1, S, S), levels 0..3."""
+        x, m = self._template_input(rgb, mask)
         return [masked_average(f, m) for f in self.features(x)]
 
     def project_vectors(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -264,21 +264,46 @@ class PretrainedBackbone(nn.Module):
                 m.eval()
         return self
 
-    def forward(self, rgb: torch.Tensor) -> list[torch.Tensor]:
+    def _blocks_list(self) -> list[nn.Module]:
+        return list(self.features)[1:] if self.cfg.name == "mobilenet_v2" else list(self._blocks)
+
+    def tail_start(self, n_levels: int) -> int:
+        """Index of the first block that only the last ``n_levels`` maps depend on (1 <= n_levels < levels)."""
+        if not 1 <= n_levels < len(self._taps):
+            raise NetsError(f"n_levels must be 1..{len(self._taps) - 1}, got {n_levels}")
+        return self._taps[-1 - n_levels] + 1
+
+    def tail_blocks(self, n_levels: int) -> list[nn.Module]:
+        """The blocks from :meth:`tail_start` to the last tap (the ones a fine-tuned copy replaces)."""
+        return self._blocks_list()[self.tail_start(n_levels) : self._taps[-1] + 1]
+
+    def forward_head(self, rgb: torch.Tensor, start: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Maps of the taps before block ``start`` and the input (B, C, h, w) of block ``start``."""
         x = (rgb - self.mean) / self.std
-        if self.cfg.name == "mobilenet_v2":
-            x, blocks = self.features[0](x), list(self.features)[1:]
-        else:
-            x, blocks = F.relu6(self._bn0(self._conv_stem(x))), list(self._blocks)
+        x = self.features[0](x) if self.cfg.name == "mobilenet_v2" else F.relu6(self._bn0(self._conv_stem(x)))
         out = []
-        last = self._taps[-1]
-        for i, blk in enumerate(blocks):
+        for i, blk in enumerate(self._blocks_list()[:start]):
             x = blk(x)
             if i in self._taps:
                 out.append(x)
-            if i == last:
-                break
+        return out, x
+
+    def forward_tail(self, x: torch.Tensor, start: int, blocks: list[nn.Module] | nn.ModuleList) -> list[torch.Tensor]:
+        """Maps of the taps from block ``start`` on, running ``blocks`` (the backbone's own or a tuned copy)."""
+        out = []
+        for i, blk in enumerate(blocks, start=start):
+            x = blk(x)
+            if i in self._taps:
+                out.append(x)
         return out
+
+    def forward(self, rgb: torch.Tensor, tail: nn.ModuleList | None = None) -> list[torch.Tensor]:
+        """Feature maps; ``tail`` (a copy of :meth:`tail_blocks`, e.g. fine-tuned) replaces the last blocks."""
+        n_tail = 0 if tail is None else len(tail)
+        start = self._taps[-1] + 1 - n_tail
+        head, x = self.forward_head(rgb, start)
+        blocks = self._blocks_list()[start : self._taps[-1] + 1] if tail is None else tail
+        return head + self.forward_tail(x, start, blocks)
 
     @torch.no_grad()
     def classify(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,8 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     model = task.build_model().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else model.parameters()
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, best, history, wall = 0, None, {"train": [], "val": []}, 0.0
     rng = np.random.default_rng(cfg.seed + 1000 * rank)
     last = out / "last.pt"
@@ -141,7 +142,7 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         for group in opt.param_groups:  # the config's learning rate wins (lower it to fine-tune a run)
-            group["lr"] = cfg.lr
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
         step, best, wall = int(st["step"]), st.get("best"), float(st.get("wall_s", 0.0))
         history = json.loads(st["history"])
         rng = np.random.default_rng(cfg.seed + 1000 * rank + step)
@@ -150,7 +151,8 @@ def run_training(task: TrainTask, cfg: TrainConfig) -> dict[str, Any]:
         from osop_ros.nets.checkpoint import load_checkpoint_dict, load_trained_state
 
         ck = load_checkpoint_dict(os.path.expanduser(cfg.init_from))
-        load_trained_state(model, ck["state_dict"], cfg.init_from)  # head-only files: the backbone stays
+        # head-only files: the backbone stays, a tuned copy of its last blocks starts as the pretrained ones
+        load_trained_state(model, ck["state_dict"], cfg.init_from, getattr(model, "warm_start_optional", ()))
         step = int(ck.get("meta", {}).get("step", 0))
         wall = float(ck.get("meta", {}).get("wall_s", 0.0))
         log.info("warm start from %s (step %d of its run)", cfg.init_from, step)

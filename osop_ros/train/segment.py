@@ -4,7 +4,8 @@ Each sample queries one object of a synthetic image (``p_absent`` of the time an
 absent, target empty, so the network learns to answer "not here"; ``p_hard_absent`` of those absent
 queries take a look-alike of an object in the image: one of its ``hard_neighbours`` nearest objects by
 frozen-backbone template vectors); its template vectors come from K random views of the object's mini
-template bank, computed by the same encoder with gradients.
+template bank, computed by the same encoder with gradients (featseg: the frozen backbone's vectors, computed
+once, except the levels of ``tune_levels`` tuned blocks, which run with gradients on cached input maps).
 Validation: mean IoU of the queried object's mask on held-out objects (at 320 x 240).
 """
 
@@ -99,6 +100,22 @@ class SegmentTask:
                 os.replace(tmp, cache)
         return objs[key]
 
+    @torch.no_grad()
+    def _pre_maps(self, net: FeatSegNet, objs: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
+        """Frozen input maps of the tuned blocks for every (object, view): (N_obj, V, C, h, w) float16, once."""
+        key = f"pre_{net.cfg.backbone}_{net.cfg.template_size}_{net.tune_start}"
+        if key not in objs:
+            n, v = objs["rgb"].shape[:2]
+            flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
+            flat_mask = objs["mask"].reshape(n * v, *objs["mask"].shape[2:])
+            out = []
+            for s in range(0, n * v, 128):
+                r = to_tensor_rgb(flat_rgb[s : s + 128], device)
+                m = to_tensor_mask(flat_mask[s : s + 128], device)
+                out.append(net.pre_tune_maps(r, m).cpu().numpy().astype(np.float16))
+            objs[key] = np.concatenate(out).reshape(n, v, *out[0].shape[1:])
+        return objs[key]
+
     def _tvecs(
         self, model: nn.Module, objs: dict[str, np.ndarray], rows: list[int], views: np.ndarray, device: torch.device
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -109,10 +126,15 @@ class SegmentTask:
         net = model.module if hasattr(model, "module") else model
         if isinstance(net, FeatSegNet):
             raw = self._raw_vectors(net, objs, device)
-            vecs = net.project_vectors([torch.from_numpy(r[rows][:, views].astype(np.float32)).to(device) for r in raw])
+            levels = [torch.from_numpy(r[rows][:, views].astype(np.float32)).to(device) for r in raw]
             r = to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device)
             m = to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device)
-            return vecs, colour_histogram(r, m).view(b, k, -1).mean(1)
+            if net.tuned is not None:  # the tuned levels through the tuned blocks, with gradients
+                pre = self._pre_maps(net, objs, device)[rows][:, views]
+                pre_t = torch.from_numpy(pre.reshape(b * k, *pre.shape[2:]).astype(np.float32)).to(device)
+                tuned = [v.view(b, k, -1) for v in net.tuned_template_vectors(pre_t, m)]
+                levels = levels[: len(levels) - len(tuned)] + tuned
+            return net.project_vectors(levels), colour_histogram(r, m).view(b, k, -1).mean(1)
         r = to_tensor_rgb(rgb.reshape(b * k, *rgb.shape[2:]), device)
         m = to_tensor_mask(mask.reshape(b * k, *mask.shape[2:]), device)
         hist = colour_histogram(r, m).view(b, k, -1).mean(1)
