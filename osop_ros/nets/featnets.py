@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from osop_ros.nets.backbone import DictConfig, UNetDecoder, conv_block
-from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig
+from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig, freeze_batchnorm
 from osop_ros.nets.segnet import PearsonAttention, colour_prior
 
 
@@ -96,9 +96,7 @@ class FeatSegNet(nn.Module):
     def train(self, mode: bool = True) -> FeatSegNet:
         """BatchNorm of the backbone and of its tuned copy keeps the ImageNet statistics."""
         super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+        freeze_batchnorm(self)
         return self
 
     def param_groups(self, lr: float) -> list[dict[str, object]]:
@@ -131,18 +129,17 @@ class FeatSegNet(nn.Module):
     def tuned_template_vectors(self, pre: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Raw vectors [(T, C_l)] of the tuned levels from :meth:`pre_tune_maps` (with gradients)."""
         assert self.tuned is not None
-        s = self.cfg.template_size
-        m = mask if mask.shape[-1] == s else F.interpolate(mask, size=(s, s), mode="bilinear", align_corners=False)
         maps = self.backbone.forward_tail(pre, self.tune_start, self.tuned)
-        return [masked_average(f, m) for f in maps]
+        return [masked_average(f, self._template_size(mask)) for f in maps]
+
+    def _template_size(self, t: torch.Tensor) -> torch.Tensor:
+        """(T, C, S, S) crops resized to ``template_size`` (bilinear; unchanged when already that size)."""
+        s = self.cfg.template_size
+        return t if t.shape[-1] == s else F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)
 
     def _template_input(self, rgb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.cfg.template_size
-        x, m = rgb * mask, mask
-        if x.shape[-1] != s:
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
-            m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
-        return x, m
+        """Masked template crops and their masks at ``template_size``."""
+        return self._template_size(rgb * mask), self._template_size(mask)
 
     @torch.no_grad()
     def raw_template_vectors(self, rgb: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

@@ -168,6 +168,13 @@ class _InvertedResidualV2(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode (keeps the pretrained running statistics)."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
 @dataclass
 class PretrainedConfig(DictConfig):
     """Which pretrained backbone, and how much of it: ``levels`` feature maps (strides 4, 8, 16, 32)."""
@@ -259,9 +266,7 @@ class PretrainedBackbone(nn.Module):
     def train(self, mode: bool = True) -> PretrainedBackbone:
         """BatchNorm always uses the ImageNet statistics (small CPU batches; frozen backbone)."""
         super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+        freeze_batchnorm(self)
         return self
 
     def _blocks_list(self) -> list[nn.Module]:

@@ -12,6 +12,7 @@ Validation: mean IoU of the queried object's mask on held-out objects (at 320 x 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +84,8 @@ class SegmentTask:
                 objs[key] = [z[f"l{i}"] for i in range(len(z.files))]
         if key not in objs:
             n, v = objs["rgb"].shape[:2]
-            flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
-            flat_mask = objs["mask"].reshape(n * v, *objs["mask"].shape[2:])
-            out: list[list[np.ndarray]] = []
-            for s in range(0, n * v, 128):
-                r = to_tensor_rgb(flat_rgb[s : s + 128], device)
-                m = to_tensor_mask(flat_mask[s : s + 128], device)
-                for i, vec in enumerate(net.raw_template_vectors(r, m)):
-                    if len(out) <= i:
-                        out.append([])
-                    out[i].append(vec.cpu().numpy().astype(np.float16))
-            objs[key] = [np.concatenate(o).reshape(n, v, -1) for o in out]
+            batches = list(self._per_view(objs, device, net.raw_template_vectors))
+            objs[key] = [np.concatenate(level).reshape(n, v, -1) for level in zip(*batches, strict=True)]
             if cache is not None:  # atomic: restarts and resumed runs skip the ~10 min extraction
                 tmp = cache.with_suffix(".tmp.npz")
                 np.savez(tmp, **{f"l{i}": a for i, a in enumerate(objs[key])})
@@ -106,15 +98,25 @@ class SegmentTask:
         key = f"pre_{net.cfg.backbone}_{net.cfg.template_size}_{net.tune_start}"
         if key not in objs:
             n, v = objs["rgb"].shape[:2]
-            flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
-            flat_mask = objs["mask"].reshape(n * v, *objs["mask"].shape[2:])
-            out = []
-            for s in range(0, n * v, 128):
-                r = to_tensor_rgb(flat_rgb[s : s + 128], device)
-                m = to_tensor_mask(flat_mask[s : s + 128], device)
-                out.append(net.pre_tune_maps(r, m).cpu().numpy().astype(np.float16))
-            objs[key] = np.concatenate(out).reshape(n, v, *out[0].shape[1:])
+            maps = np.concatenate([b[0] for b in self._per_view(objs, device, lambda r, m: [net.pre_tune_maps(r, m)])])
+            objs[key] = maps.reshape(n, v, *maps.shape[1:])
         return objs[key]
+
+    @staticmethod
+    def _per_view(
+        objs: dict[str, np.ndarray],
+        device: torch.device,
+        fn: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+        batch: int = 128,
+    ) -> Iterator[list[np.ndarray]]:
+        """``fn(rgb (b, 3, S, S), mask (b, 1, S, S))`` over every (object, view) in order, in batches; yields its
+        outputs as float16 arrays."""
+        n, v = objs["rgb"].shape[:2]
+        flat_rgb = objs["rgb"].reshape(n * v, *objs["rgb"].shape[2:])
+        flat_mask = objs["mask"].reshape(n * v, *objs["mask"].shape[2:])
+        for s in range(0, n * v, batch):
+            out = fn(to_tensor_rgb(flat_rgb[s : s + batch], device), to_tensor_mask(flat_mask[s : s + batch], device))
+            yield [t.cpu().numpy().astype(np.float16) for t in out]
 
     def _tvecs(
         self, model: nn.Module, objs: dict[str, np.ndarray], rows: list[int], views: np.ndarray, device: torch.device
