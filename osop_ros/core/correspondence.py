@@ -13,7 +13,8 @@ from osop_ros.core.types import Correspondences, InvalidInputError, MatchResult,
 
 
 class DenseCorrespondence:
-    """Runs a :class:`~osop_ros.nets.corrnet.CorrNet` once per matched template (batched).
+    """Runs a stage-3 network (:class:`~osop_ros.nets.corrnet.CorrNet` or
+    :class:`~osop_ros.nets.featnets.FeatCorrNet`, both with ``make_input``) once per matched template (batched).
 
     Keeps pixels whose predicted mask probability >= ``mask_threshold`` that also lie in the
     (dilated) stage-1 mask; ``conf`` = mask probability x product of per-axis peak bin probabilities.
@@ -31,7 +32,7 @@ class DenseCorrespondence:
     def __call__(
         self, obs: Observation, seg: SegmentationResult, match: MatchResult, obj: OnboardedObject
     ) -> list[Correspondences]:
-        from osop_ros.nets.corrnet import CorrNet, decode_coordinates
+        from osop_ros.nets.corrnet import decode_coordinates
         from osop_ros.nets.matchnet import rotate_inplane
         from osop_ros.nets.tensors import mask_tensor, rgb_tensor, xyz_tensor
 
@@ -53,7 +54,7 @@ class DenseCorrespondence:
         t_xyz_n = ((t_xyz - center) / diam + 0.5) * t_mask
         qr = rgb_tensor(q_rgb, dev).expand(k, -1, -1, -1)
         qm = mask_tensor(q_mask, dev).expand(k, -1, -1, -1)
-        mask_logit, coord_logits = self.net(CorrNet.make_input(qr, qm, t_rgb, t_mask, t_xyz_n))
+        mask_logit, coord_logits = self.net(self.net.make_input(qr, qm, t_rgb, t_mask, t_xyz_n))
         coords, peak = decode_coordinates(coord_logits)
         pm = torch.sigmoid(mask_logit[:, 0]).cpu().numpy()
         coords = coords.cpu().numpy()

@@ -17,7 +17,14 @@ from torch import nn
 
 from osop_ros.nets.corrnet import CorrNet, CorrNetConfig
 from osop_ros.nets.errors import CheckpointError, NetsError
-from osop_ros.nets.featnets import FeatMatchNet, FeatMatchNetConfig, FeatSegNet, FeatSegNetConfig
+from osop_ros.nets.featnets import (
+    FeatCorrNet,
+    FeatCorrNetConfig,
+    FeatMatchNet,
+    FeatMatchNetConfig,
+    FeatSegNet,
+    FeatSegNetConfig,
+)
 from osop_ros.nets.matchnet import MatchNet, MatchNetConfig
 from osop_ros.nets.segnet import SegNet, SegNetConfig
 from osop_ros.nets.specs import TRAINING_FREE_PREFIXES, is_training_free
@@ -28,12 +35,13 @@ ARCHS: dict[str, tuple[type[nn.Module], Any]] = {
     "corrnet": (CorrNet, CorrNetConfig),
     "featseg": (FeatSegNet, FeatSegNetConfig),
     "featmatch": (FeatMatchNet, FeatMatchNetConfig),
+    "featcorr": (FeatCorrNet, FeatCorrNetConfig),
 }
 # architectures that can serve each stage
 STAGE_ARCHS: dict[str, tuple[str, ...]] = {
     "segment": ("segnet", "featseg"),
     "match": ("matchnet", "featmatch"),
-    "correspond": ("corrnet",),
+    "correspond": ("corrnet", "featcorr"),
 }
 # training-free networks named by a spec instead of a weights file: "<spec prefix><backbone name>"
 TRAINING_FREE = dict(

@@ -15,6 +15,9 @@ trained head (``frozen_prefixes`` are left out of the saved state dict and re-re
 * :class:`FeatMatchNet` (stage 2): the masked crop's stride-16 map, average-pooled to ``pool x pool``
   cells (layout kept), each cell L2-normalised, flattened -> unit vector. ``proj_dim > 0`` adds a
   learned 1x1 projection (trained contrastively like MatchNet); 0 = training-free descriptor.
+* :class:`FeatCorrNet` (stage 3): query crop and matched template through the frozen backbone; per level,
+  query cells attend over the template's cells and read their model coordinates; a U-Net decoder turns
+  the fused maps into CorrNet's outputs (mask logit + per-axis coordinate bins).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from osop_ros.nets.backbone import DictConfig, UNetDecoder, conv_block
 from osop_ros.nets.pretrained import PretrainedBackbone, PretrainedConfig, freeze_batchnorm
-from osop_ros.nets.segnet import PearsonAttention, colour_prior
+from osop_ros.nets.segnet import PearsonAttention, colour_prior, normalize_rgb
 
 
 def masked_average(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -231,3 +234,102 @@ class FeatMatchNet(nn.Module):
         f = F.adaptive_avg_pool2d(f, self.cfg.pool)
         f = F.normalize(f, dim=1)
         return F.normalize(f.flatten(1), dim=-1)
+
+
+@dataclass
+class FeatCorrNetConfig(DictConfig):
+    """Architecture of :class:`FeatCorrNet`."""
+
+    backbone: str = "efficientnet_lite0"
+    levels: int = 3  # backbone maps used: strides 4, 8, 16 of the resized crop
+    input_size: int = 96  # query and template crops are resized to this before the backbone
+    proj: tuple[int, ...] = (32, 48, 64)  # shared query/template projection widths per level
+    fuse: tuple[int, ...] = (48, 64, 96)  # channels of the fused map per level
+    dec_channels: tuple[int, ...] = (64, 48)
+    crop_size: int = 64
+    n_bins: int = 32
+
+
+class FeatCorrNet(nn.Module):
+    """Stage 3 on frozen pretrained features (drop-in for :class:`~osop_ros.nets.corrnet.CorrNet`).
+
+    Query crop and matched template go through the frozen backbone; per level, a shared 1x1 projection,
+    then every query cell attends over the template's object cells (cosine x learned temperature) and
+    reads their features and normalised model coordinates. The fused maps (query features, attended
+    template features and coordinates, the aligned template coordinates, both masks) feed a U-Net
+    decoder; a full-resolution refinement sees the raw inputs. Output as CorrNet: mask logit
+    (B, 1, S, S) and coordinate bin logits (B, 3, n_bins, S, S).
+    """
+
+    arch = "featcorr"
+    frozen_prefixes = ("backbone.",)
+
+    def __init__(self, cfg: FeatCorrNetConfig | None = None, backbone: PretrainedBackbone | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or FeatCorrNetConfig()
+        n = self.cfg.levels
+        if not (len(self.cfg.proj) == len(self.cfg.fuse) == n and len(self.cfg.dec_channels) == n - 1):
+            raise ValueError("proj and fuse need one entry per level, dec_channels one fewer")
+        self.backbone = backbone or PretrainedBackbone(PretrainedConfig(self.cfg.backbone, levels=n))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        chans = self.backbone.out_channels[:n]
+        self.proj = nn.ModuleList(nn.Conv2d(c, p, 1) for c, p in zip(chans, self.cfg.proj, strict=True))
+        self.log_temp = nn.Parameter(torch.full((n,), 2.3))  # cosine temperature exp(2.3) ~ 10 per level
+        # fused: query feats, attended template feats, attended xyz (3), max cosine (1), aligned xyz (3), masks (2)
+        self.fuse = nn.ModuleList(
+            conv_block(2 * p + 9, f) for p, f in zip(self.cfg.proj, self.cfg.fuse, strict=True)
+        )
+        self.decoder = UNetDecoder(list(self.cfg.fuse), list(self.cfg.dec_channels))
+        self.full = conv_block(self.decoder.out_channels + 11, 32)
+        self.head = nn.Conv2d(32, 1 + 3 * self.cfg.n_bins, 1)
+
+    def train(self, mode: bool = True) -> FeatCorrNet:
+        """The backbone's BatchNorm keeps the ImageNet statistics."""
+        super().train(mode)
+        freeze_batchnorm(self.backbone)
+        return self
+
+    @staticmethod
+    def make_input(
+        q_rgb: torch.Tensor, q_mask: torch.Tensor, t_rgb: torch.Tensor, t_mask: torch.Tensor, t_xyz_n: torch.Tensor
+    ) -> torch.Tensor:
+        """Stack (B, 11, S, S): query rgb, query mask, masked template rgb, template mask, template xyz in [0, 1]."""
+        return torch.cat([q_rgb, q_mask, t_rgb * t_mask, t_mask, t_xyz_n * t_mask], dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x from :meth:`make_input` -> (mask logit (B, 1, S, S), coordinate logits (B, 3, n_bins, S, S))."""
+        b, _, h, w = x.shape
+        q_rgb, q_mask, t_rgb, t_mask, t_xyz = x[:, 0:3], x[:, 3:4], x[:, 4:7], x[:, 7:8], x[:, 8:11]
+        s = self.cfg.input_size
+        # at inference one query crop meets k templates: its backbone pass is run once
+        one_query = b > 1 and torch.equal(q_rgb, q_rgb[:1].expand_as(q_rgb))
+        crops = torch.cat([q_rgb[:1] if one_query else q_rgb, t_rgb])
+        crops = F.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            maps = self.backbone(crops)
+        if one_query:
+            maps = [torch.cat([f[:1].expand(b, -1, -1, -1), f[1:]]) for f in maps]
+        fused = []
+        for lvl, (f, proj, fuse) in enumerate(zip(maps, self.proj, self.fuse, strict=True)):
+            f = proj(f)
+            fq, ft = f[:b], f[b:]
+            size = fq.shape[-2:]
+            tm = F.interpolate(t_mask, size=size, mode="area")
+            qm = F.interpolate(q_mask, size=size, mode="area")
+            txyz = F.interpolate(t_xyz, size=size, mode="area") / tm.clamp_min(1e-3)
+            qn = F.normalize(fq, dim=1).flatten(2)  # (B, C, Nq)
+            tn = F.normalize(ft, dim=1).flatten(2)  # (B, C, Nt)
+            sim = torch.einsum("bcq,bct->bqt", qn, tn)  # (B, Nq, Nt) cosine
+            bias = torch.log(tm.flatten(2).clamp_min(1e-4))  # (B, 1, Nt): template background is ignored
+            attn = (sim * self.log_temp[lvl].exp() + bias).softmax(dim=-1)
+            a_feat = torch.einsum("bqt,bct->bcq", attn, ft.flatten(2)).reshape_as(fq)
+            a_xyz = torch.einsum("bqt,bct->bcq", attn, txyz.flatten(2)).reshape(b, 3, *size)
+            best = (sim + (tm.flatten(2) <= 0.05) * -2.0).max(dim=-1).values.reshape(b, 1, *size)
+            fused.append(fuse(torch.cat([fq, a_feat, a_xyz, best, txyz * (tm > 0.05), qm, tm], dim=1)))
+        y = self.decoder(fused)
+        y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        raw = [normalize_rgb(q_rgb), q_mask * 2 - 1, normalize_rgb(t_rgb), t_mask * 2 - 1, (t_xyz - 0.5) * 4 * t_mask]
+        y = torch.cat([y, *raw], dim=1)  # the CorrNet input, at full resolution
+        y = self.head(self.full(y))
+        return y[:, :1], y[:, 1:].reshape(b, 3, self.cfg.n_bins, h, w)

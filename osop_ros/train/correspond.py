@@ -53,14 +53,17 @@ class CorrespondTask:
         self.gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
 
     def build_model(self) -> nn.Module:
-        cfg = (
-            CorrNetConfig.from_dict({**CorrNetConfig().to_dict(), **self.model_cfg})
-            if self.model_cfg
-            else CorrNetConfig()
-        )
-        return CorrNet(cfg)
+        """``model: {arch: featcorr, ...}`` trains a head on the frozen pretrained backbone; else a CorrNet."""
+        cfg = dict(self.model_cfg or {})
+        if cfg.pop("arch", "corrnet") == "featcorr":
+            from osop_ros.nets.featnets import FeatCorrNet, FeatCorrNetConfig
 
-    def _batch(self, data: dict[str, np.ndarray], idx: np.ndarray, device: torch.device, augment: bool):
+            return FeatCorrNet(FeatCorrNetConfig.from_dict({**FeatCorrNetConfig().to_dict(), **cfg}))
+        return CorrNet(CorrNetConfig.from_dict({**CorrNetConfig().to_dict(), **cfg}) if cfg else CorrNetConfig())
+
+    def _batch(
+        self, model: nn.Module, data: dict[str, np.ndarray], idx: np.ndarray, device: torch.device, augment: bool
+    ):
         q_rgb = to_tensor_rgb(data["q_rgb"][idx], device)
         q_mask = to_tensor_mask(data["q_mask"][idx], device)
         q_xyz = xyz_tensor(data["q_xyz"][idx], device)
@@ -80,13 +83,14 @@ class CorrespondTask:
             q_mask = occ
             t_rgb = color_jitter(t_rgb, self.gen, 0.1)
         in_mask = mask_noise(q_mask, self.gen) if augment else q_mask
-        x = CorrNet.make_input(q_rgb, in_mask, t_rgb, t_mask, normalise_xyz(t_xyz, center, diam) * t_mask)
+        net = model.module if hasattr(model, "module") else model  # DDP wraps the network
+        x = net.make_input(q_rgb, in_mask, t_rgb, t_mask, normalise_xyz(t_xyz, center, diam) * t_mask)
         target_n = normalise_xyz(q_xyz, center, diam).clamp(0, 1 - 1e-6)
         return x, q_mask, target_n, diam
 
     def step(self, model: nn.Module, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, len(self.train["obj_id"]), self.batch_size)
-        x, mask, target_n, _ = self._batch(self.train, idx, device, augment=True)
+        x, mask, target_n, _ = self._batch(model, self.train, idx, device, augment=True)
         mask_logit, coord_logits = model(x)
         n_bins = coord_logits.shape[2]
         bins = coordinate_targets(target_n, n_bins)  # (B, 3, S, S)
@@ -105,7 +109,7 @@ class CorrespondTask:
         errs, ious = [], []
         for s in range(0, n, 32):
             idx = np.arange(s, min(n, s + 32))
-            x, mask, target_n, diam = self._batch(self.val, idx, device, augment=False)
+            x, mask, target_n, diam = self._batch(model, self.val, idx, device, augment=False)
             mask_logit, coord_logits = model(x)
             pred, _ = decode_coordinates(coord_logits)
             e = (pred - target_n).norm(dim=1)  # (B, S, S) in diameters
