@@ -460,3 +460,21 @@ def test_cli_eval_with_config_and_overrides(synth: Path, tmp_path: Path, capsys)
     assert s["pipeline"]["top_k_templates"] == 1 and s["pipeline"]["score_threshold"] == 0.05
     assert s["AR"] is None and s["AR_VSD"] is None and s["AR_MSSD"] is not None  # --no-vsd: no BOP AR
     assert s["published"]["threshold"] == 0.05 and out.with_suffix(".features.jsonl").is_file()
+
+
+def test_stage3_error_under_symmetry() -> None:
+    """Model points of a symmetric twin pose are as good as the true ones; without the symmetry they are not."""
+    from types import SimpleNamespace
+
+    from osop_ros.eval.stages import _symmetric_instance_error
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(-0.05, 0.05, (200, 3))
+    S = make_T(rotation_about_axis(np.array([0.0, 0, 1]), np.pi), np.zeros(3))  # a 180-degree turn
+    twin = gt @ S[:3, :3].T  # S^-1 = S: what a network reading the twin's coordinates predicts
+    model = SimpleNamespace(diameter=0.2)
+    plain = SimpleNamespace(model=model, sym_Ts=[np.eye(4)])
+    sym = SimpleNamespace(model=model, sym_Ts=[np.eye(4), S])
+    assert _symmetric_instance_error(gt, gt, plain) == 0.0
+    assert _symmetric_instance_error(twin, gt, plain) > 10.0  # % of the diameter
+    assert _symmetric_instance_error(twin, gt, sym) < 1e-9
