@@ -290,8 +290,8 @@ def test_correspond_featcorr_trains_the_head(shards: Path, tmp_path: Path) -> No
     model = {"arch": "featcorr", "proj": [8, 8, 16], "fuse": [8, 16, 16], "dec_channels": [16, 8], "input_size": 64}
     cfg = _cfg(shards, "correspond", tmp_path / "fc", model=model, lr=1e-2)
     task = CorrespondTask(cfg.path("train_dir"), cfg.path("val_dir"), 4, model, {"max_val": 8})
-    first = task.build_model()
-    before = {k: v.clone() for k, v in first.state_dict().items()}
+    torch.manual_seed(cfg.seed)  # the initial weights run_training starts from
+    before = {k: v.clone() for k, v in task.build_model().state_dict().items()}
     assert run_training(task, cfg)["step"] == 4
     state = torch.load(tmp_path / "fc" / "best.pt", weights_only=True)["state_dict"]
     assert state and not any(k.startswith("backbone.") for k in state)

@@ -263,10 +263,12 @@ def evaluate_stages(opts: StageEvalOptions) -> dict:
 def _symmetric_instance_error(pts: np.ndarray, gt_xyz: np.ndarray, obj: OnboardedObject) -> float:
     """Median error (% of the diameter) of predicted model points (N, 3) against the true ones (N, 3), metres,
     under the symmetry S of the object that explains them best (points of a symmetric twin pose are as good)."""
-    best = np.inf
-    for S in obj.sym_Ts or [np.eye(4)]:
-        moved = pts @ np.asarray(S)[:3, :3].T + np.asarray(S)[:3, 3]
-        best = min(best, float(np.median(np.linalg.norm(moved - gt_xyz, axis=1))))
+    from osop_ros.core.geometry import transform_points
+
+    best = min(
+        float(np.median(np.linalg.norm(transform_points(np.asarray(S), pts) - gt_xyz, axis=1)))
+        for S in obj.sym_Ts or [np.eye(4)]
+    )
     return best / obj.model.diameter * 100
 
 

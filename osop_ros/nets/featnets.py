@@ -316,6 +316,7 @@ class FeatCorrNet(nn.Module):
             fq, ft = f[:b], f[b:]
             size = fq.shape[-2:]
             tm = F.interpolate(t_mask, size=size, mode="area")
+            t_on = tm > 0.05  # cells on the template's object
             qm = F.interpolate(q_mask, size=size, mode="area")
             txyz = F.interpolate(t_xyz, size=size, mode="area") / tm.clamp_min(1e-3)
             qn = F.normalize(fq, dim=1).flatten(2)  # (B, C, Nq)
@@ -325,8 +326,8 @@ class FeatCorrNet(nn.Module):
             attn = (sim * self.log_temp[lvl].exp() + bias).softmax(dim=-1)
             a_feat = torch.einsum("bqt,bct->bcq", attn, ft.flatten(2)).reshape_as(fq)
             a_xyz = torch.einsum("bqt,bct->bcq", attn, txyz.flatten(2)).reshape(b, 3, *size)
-            best = (sim + (tm.flatten(2) <= 0.05) * -2.0).max(dim=-1).values.reshape(b, 1, *size)
-            fused.append(fuse(torch.cat([fq, a_feat, a_xyz, best, txyz * (tm > 0.05), qm, tm], dim=1)))
+            best = (sim - 2.0 * ~t_on.flatten(2)).max(dim=-1).values.reshape(b, 1, *size)
+            fused.append(fuse(torch.cat([fq, a_feat, a_xyz, best, txyz * t_on, qm, tm], dim=1)))
         y = self.decoder(fused)
         y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         raw = [normalize_rgb(q_rgb), q_mask * 2 - 1, normalize_rgb(t_rgb), t_mask * 2 - 1, (t_xyz - 0.5) * 4 * t_mask]
