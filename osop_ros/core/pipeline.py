@@ -53,6 +53,8 @@ class Pipeline:
     with ``score`` = P(pose correct) from ``calibration`` (the raw verification score without one;
     ``diagnostics["score_calibrated"]`` says which). Assigning :attr:`config` (an :class:`OsopConfig`,
     as :func:`osop_ros.core.factory.build_pipeline` does) applies its ``pipeline`` verification keys.
+
+    ``rgb_segmenter`` (optional) replaces ``segmenter`` for frames estimated without depth.
     """
 
     def __init__(
@@ -71,12 +73,14 @@ class Pipeline:
         candidates: int = 1,
         depth_refiner: DepthMaskRefiner | None = None,
         symmetry_search: ColourSymmetrySearch | None = None,
+        rgb_segmenter: Segmenter | None = None,
     ) -> None:
         if modality not in ("auto", "rgb", "rgbd"):
             raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
         self.modality = modality
         self.objects = list(objects)
         self.segmenter = segmenter
+        self.rgb_segmenter = rgb_segmenter
         self.matcher = matcher
         self.correspondence = correspondence
         self.solver = solver
@@ -172,7 +176,8 @@ class Pipeline:
 
     def _full(self, obs: Observation, obj: OnboardedObject) -> list[PoseEstimate]:
         t0 = time.perf_counter()
-        segs = self.segmenter(obs, obj)
+        segmenter = self.rgb_segmenter if obs.depth is None and self.rgb_segmenter is not None else self.segmenter
+        segs = segmenter(obs, obj)
         t_seg = time.perf_counter() - t0
         n = self.max_instances if self.verifier is None else max(self.max_instances, self.candidates)
         shared = {"segment": t_seg}

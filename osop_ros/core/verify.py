@@ -196,7 +196,7 @@ class Verifier:
         self._lock = threading.Lock()
 
     # -- renderer --------------------------------------------------------------------------------
-    def _renderer(self) -> tuple[Any, dict[int, str]]:
+    def _renderer(self) -> tuple[Any, dict[int, tuple[str, Any]]]:
         r = getattr(self._local, "renderer", None)
         if r is None:
             if self._factory is None:
@@ -211,13 +211,19 @@ class Verifier:
         return r, self._local.keys
 
     def _key(self, obj: OnboardedObject) -> str:
+        """The renderer key of ``obj.model`` in this thread's renderer (added on first use).
+
+        Entries hold their model: an id is unique only while its object lives, and a new model that
+        reused a freed one's id would otherwise be rendered with the old mesh.
+        """
         r, keys = self._renderer()
         mid = id(obj.model)
-        if mid not in keys:
-            key = f"verify_{len(keys)}_{obj.name}"
+        entry = keys.get(mid)
+        if entry is None or entry[1] is not obj.model:
+            key = f"verify_{len(keys)}_{obj.name}" if entry is None else f"{entry[0]}_{obj.name}"
             r.add_object(key, obj.model)
-            keys[mid] = key
-        return keys[mid]
+            keys[mid] = entry = (key, obj.model)
+        return entry[0]
 
     def release(self) -> None:
         """Free the renderers of every thread (call when the pipeline is discarded)."""

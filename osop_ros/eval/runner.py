@@ -162,7 +162,8 @@ class EvalOptions:
     ``config``: the pipeline configuration (None = the node's ``config/osop.yaml``); the options
     ``modality``, ``correspondence`` (None = learned, what the node runs), ``top_k``, ``icp``, ``verify``,
     ``score_threshold``, ``seg_input_width``, ``calibration``, ``depth_seg``, ``symmetry_search``, ``segmenter``,
-    ``seg_ranking``, ``verify_candidates`` and ``device`` override it when not None.
+    ``segmenter_rgb``, ``seg_ranking``, ``verify_candidates`` and ``device`` override it when not None (a
+    ``segmenter`` without ``segmenter_rgb`` is stage 1 of every frame, with or without depth).
     ``max_instances``: None = the config's, ``"targets"`` = the BOP ``inst_count`` of each target.
     ``absent``: per image, also query this many objects of ``objects`` (None: of the dataset) that are not
     in the image (each is onboarded).
@@ -189,6 +190,7 @@ class EvalOptions:
     depth_seg: bool | None = None
     symmetry_search: bool | None = None
     segmenter: str | None = None
+    segmenter_rgb: str | None = None
     seg_ranking: str | None = None
     verify_candidates: int | None = None
     device: str | None = None
@@ -242,6 +244,8 @@ class EvalOptions:
                          ("verify_candidates", self.verify_candidates)):
             if val is not None:
                 over[key] = val
+        if self.segmenter_rgb is not None or self.segmenter is not None:
+            over["segmenter_rgb"] = self.segmenter_rgb or "same"
         if self.modality is not None:
             over["modality"] = self.modality
         if isinstance(self.max_instances, int):
@@ -513,6 +517,7 @@ class _Estimator:
                 pipe.add_object(self.objects[-1])
             if "mask" in oracle:
                 pipe.segmenter = OracleSegmenter(self.oframe)
+                pipe.rgb_segmenter = None
             if "viewpoint" in oracle:
                 pipe.matcher = OracleMatcher(self.oframe, top_k=top_k)
             if opts.corr_mode == "transfer":

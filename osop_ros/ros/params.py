@@ -163,6 +163,7 @@ _CORE_DESCRIPTIONS = {
     "pipeline.symmetry_partial_quantile": "symmetry search: also twins that fit this share of the surface (0 = off)",
     "pipeline.depth_seg": "RGB-D: clean stage-1 masks with depth (support plane, depth edges, 3D cluster)",
     "pipeline.segmenter": "stage 1: head (OSOP head components) | proposals (MobileSAM masks ranked by descriptors)",
+    "pipeline.segmenter_rgb": "stage 1 of frames without depth: same (= segmenter) | head | proposals",
     "pipeline.seg_ranking": "stage-1 head components ordered by descriptor (template cosine + 0.2 x prob) | head",
     "pipeline.proposal_image_size": "proposals: MobileSAM input side in pixels (multiple of 16)",
     "pipeline.proposal_grid_x": "proposals: point-prompt grid columns per frame",
@@ -185,6 +186,7 @@ _CORE_RANGES = {
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
 _CORE_CHOICES = {"pipeline.modality": ("auto", "rgb", "rgbd"), "pipeline.segmenter": ("head", "proposals"),
+                 "pipeline.segmenter_rgb": ("same", "head", "proposals"),
                  "pipeline.seg_ranking": ("descriptor", "head")}
 
 
