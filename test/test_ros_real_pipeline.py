@@ -19,11 +19,25 @@ ROT_TOL_DEG = 10.0
 TRANS_TOL_M = 0.02
 
 
+def _example_node(session, namespace: str, tmp_path, **params):  # noqa: ANN001, ANN003, ANN202
+    """osop_node with the real pipeline and the example object over reliable DDS (``params``: more ROS
+    parameters, dots as ``__``), added to ``session``."""
+    from rclpy.parameter import Parameter
+
+    from osop_ros.ros.node import OsopNode
+
+    base = {"objects.names": ["example_object"],
+            "objects.example_object.mesh": "package://osop_ros/assets/example_object.ply",
+            "objects.example_object.units": "m", "qos.reliability": "reliable", "templates.cache_dir": str(tmp_path)}
+    base.update({k.replace("__", "."): v for k, v in params.items()})
+    overrides = [Parameter(k, value=v) for k, v in base.items()]
+    return session.add(OsopNode(namespace=namespace, context=session.context, parameter_overrides=overrides))
+
+
 def test_node_publishes_pose_near_ground_truth(tmp_path) -> None:
     from osop_ros.core.config import load_config
     from osop_ros.demo import make_demo_scene
     from osop_ros.ros.conversions import array_to_image, intrinsics_to_camera_info, msg_to_T, ns_to_stamp
-    from osop_ros.ros.node import OsopNode
 
     cfg = load_config(None)
     if not all(cfg.weights_available(s) for s in ("segment", "match", "correspond")):
@@ -31,22 +45,7 @@ def test_node_publishes_pose_near_ground_truth(tmp_path) -> None:
     scene = make_demo_scene(seed=3)
     cam = scene.obs.camera
     with F.ros_session(salt=77) as session:
-        from rclpy.parameter import Parameter
-
-        node = session.add(
-            OsopNode(
-                namespace="/real",
-                context=session.context,
-                parameter_overrides=[
-                    Parameter("objects.names", value=["example_object"]),
-                    Parameter("objects.example_object.mesh", value="package://osop_ros/assets/example_object.ply"),
-                    Parameter("objects.example_object.units", value="m"),
-                    Parameter("qos.reliability", value="reliable"),
-                    Parameter("templates.cache_dir", value=str(tmp_path)),
-                    Parameter("pipeline.score_threshold", value=0.3),
-                ],
-            )
-        )
+        node = _example_node(session, "/real", tmp_path, pipeline__score_threshold=0.3)
         assert node.wait_ready(timeout=600.0), "node did not become ready"
         stub = F.CameraStub(session, "/real")
         stub.watch_pose("example_object")
@@ -80,7 +79,6 @@ def test_node_latency_5hz_rgbd(tmp_path) -> None:
     from osop_ros.core.config import load_config
     from osop_ros.demo import make_demo_scene
     from osop_ros.ros.conversions import array_to_image, intrinsics_to_camera_info, ns_to_stamp
-    from osop_ros.ros.node import OsopNode
 
     cfg = load_config(None)
     if not all(cfg.weights_available(s) for s in ("segment", "match", "correspond")):
@@ -90,16 +88,8 @@ def test_node_latency_5hz_rgbd(tmp_path) -> None:
     depth_mm = np.round(scene.obs.depth * 1000.0).astype(np.uint16)
     seconds, hz = 30.0, 5.0
     with F.ros_session(salt=78) as session:
-        from rclpy.parameter import Parameter
-
         t0 = time.monotonic()
-        node = session.add(OsopNode(namespace="/lat", context=session.context, parameter_overrides=[
-            Parameter("objects.names", value=["example_object"]),
-            Parameter("objects.example_object.mesh", value="package://osop_ros/assets/example_object.ply"),
-            Parameter("objects.example_object.units", value="m"),
-            Parameter("qos.reliability", value="reliable"),
-            Parameter("templates.cache_dir", value=str(tmp_path)),
-        ]))
+        node = _example_node(session, "/lat", tmp_path)
         assert node.wait_ready(timeout=900.0), "node did not become ready"
         ready_s = time.monotonic() - t0
         stub = F.CameraStub(session, "/lat")
@@ -150,7 +140,6 @@ def test_node_rgb_only_takes_proposals_and_publishes_no_guess(tmp_path) -> None:
     from osop_ros.core.proposals import ProposalSegmenter
     from osop_ros.demo import make_demo_scene
     from osop_ros.ros.conversions import array_to_image, intrinsics_to_camera_info, msg_to_T, ns_to_stamp
-    from osop_ros.ros.node import OsopNode
 
     cfg = load_config(None)
     if not all(cfg.weights_available(s) for s in ("segment", "match", "correspond")):
@@ -158,14 +147,7 @@ def test_node_rgb_only_takes_proposals_and_publishes_no_guess(tmp_path) -> None:
     scene = make_demo_scene(seed=3)
     cam = scene.obs.camera
     with F.ros_session(salt=79) as session:
-        node = session.add(OsopNode(namespace="/rgb", context=session.context, parameter_overrides=[
-            Parameter("objects.names", value=["example_object"]),
-            Parameter("objects.example_object.mesh", value="package://osop_ros/assets/example_object.ply"),
-            Parameter("objects.example_object.units", value="m"),
-            Parameter("qos.reliability", value="reliable"),
-            Parameter("use_depth", value=False),
-            Parameter("templates.cache_dir", value=str(tmp_path)),
-        ]))
+        node = _example_node(session, "/rgb", tmp_path, use_depth=False)
         assert node.wait_ready(timeout=600.0), "node did not become ready"
         rgb_seg = node.pipeline.pipeline.rgb_segmenter
         assert isinstance(rgb_seg, LazySegmenter) and rgb_seg.segmenter is None  # nothing loaded before a frame

@@ -196,7 +196,7 @@ class Verifier:
         self._lock = threading.Lock()
 
     # -- renderer --------------------------------------------------------------------------------
-    def _renderer(self) -> tuple[Any, dict[int, tuple[str, Any]]]:
+    def _renderer(self) -> tuple[Any, list[tuple[Any, str]]]:
         r = getattr(self._local, "renderer", None)
         if r is None:
             if self._factory is None:
@@ -205,7 +205,7 @@ class Verifier:
                 r = Renderer()
             else:
                 r = self._factory()
-            self._local.renderer, self._local.keys = r, {}
+            self._local.renderer, self._local.keys = r, []
             with self._lock:
                 self._all.append(r)
         return r, self._local.keys
@@ -213,17 +213,17 @@ class Verifier:
     def _key(self, obj: OnboardedObject) -> str:
         """The renderer key of ``obj.model`` in this thread's renderer (added on first use).
 
-        Entries hold their model: an id is unique only while its object lives, and a new model that
-        reused a freed one's id would otherwise be rendered with the old mesh.
+        Looked up by identity, not by ``id()``: a new model that reused a freed one's id would otherwise be
+        rendered with the old mesh. (A handful of objects per pipeline: a list is enough.)
         """
         r, keys = self._renderer()
-        mid = id(obj.model)
-        entry = keys.get(mid)
-        if entry is None or entry[1] is not obj.model:
-            key = f"verify_{len(keys)}_{obj.name}" if entry is None else f"{entry[0]}_{obj.name}"
-            r.add_object(key, obj.model)
-            keys[mid] = entry = (key, obj.model)
-        return entry[0]
+        for model, key in keys:
+            if model is obj.model:
+                return key
+        key = f"verify_{len(keys)}_{obj.name}"
+        r.add_object(key, obj.model)
+        keys.append((obj.model, key))
+        return key
 
     def release(self) -> None:
         """Free the renderers of every thread (call when the pipeline is discarded)."""
