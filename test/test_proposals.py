@@ -56,15 +56,15 @@ class ColourShape(torch.nn.Module):
 
 class FakeMatcher(TemplateMatcher):
     """A TemplateMatcher with the colour-layout descriptor whose "template" of an object is its crop in the
-    scene, framed as a query crop (objects are dicts of ``rgb`` and ``mask``)."""
+    scene, framed as a query crop (objects carry ``rgb`` and ``mask``, see :func:`_object`)."""
 
     def __init__(self) -> None:
         super().__init__(ColourShape(), torch.device("cpu"))
 
-    def bank_embeddings(self, obj: dict | SimpleNamespace) -> torch.Tensor:
+    def bank_embeddings(self, obj: SimpleNamespace) -> torch.Tensor:
         from osop_ros.core.geometry import CropBox, mask_to_box
 
-        rgb, m = (obj["rgb"], obj["mask"]) if isinstance(obj, dict) else (obj.rgb, obj.mask)
+        rgb, m = obj.rgb, obj.mask
         box = CropBox.from_box(mask_to_box(m), pad=1.2)
         crop, mc = box.apply(rgb, 64)[None], box.apply(m.astype(np.uint8), 64)[None].astype(np.float32)
         return self.net(rgb_tensor(crop, self.device), mask_tensor(mc, self.device))
@@ -76,9 +76,15 @@ class FlatHead:
     def __init__(self, value: float = 0.1) -> None:
         self.value, self.calls = value, 0
 
-    def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+    def probability(self, obs: Observation, obj: SimpleNamespace) -> np.ndarray:
         self.calls += 1
         return np.full(obs.rgb.shape[:2], self.value, np.float32)
+
+
+def _object(rgb: np.ndarray, mask: np.ndarray) -> SimpleNamespace:
+    """A queried object: what FakeMatcher reads (``rgb``, ``mask``) and a one-template bank (the scene's view of
+    it, for the colour histogram and the crop size)."""
+    return SimpleNamespace(rgb=rgb, mask=mask, bank=SimpleNamespace(rgb=rgb[None], mask=mask[None], crop_size=64))
 
 
 def _obs(rgb: np.ndarray) -> Observation:
@@ -136,6 +142,13 @@ def test_pipeline_config_validates_segmenter_keys() -> None:
         load_config({"pipeline": {"segmenter": "sam"}})
     with pytest.raises(InvalidInputError, match="proposal_image_size"):
         load_config({"pipeline": {"proposal_image_size": 500}})
+    with pytest.raises(InvalidInputError, match="proposal_colour_weight"):
+        load_config({"pipeline": {"proposal_colour_weight": -0.1}})
+    p = load_config({"pipeline": {"proposal_head_weight": 0.2, "proposal_cover_weight": 0.0}}).pipeline
+    assert (p.proposal_head_weight, p.proposal_cover_weight) == (0.2, 0.0)
+    assert np.allclose(ProposalConfig(head_weight=0.2, cover_weight=0.0, colour_weight=0.5).weights(), [1, 0.2, 0, 0.5])
+    with pytest.raises(InvalidInputError, match="finite"):
+        ProposalConfig(colour_weight=float("nan"))
 
 
 def test_segmenter_rgb_validated_and_built_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,8 +195,8 @@ def test_descriptor_ranking_picks_the_queried_object(sam: torch.nn.Module) -> No
     head = FlatHead()
     seg = ProposalSegmenter(head, sam, FakeMatcher(), ProposalConfig(image_size=512, grid=(6, 4), head_peaks=0))
     obs = _obs(rgb)
-    red = seg(obs, {"rgb": rgb, "mask": disk})
-    blue = seg(obs, {"rgb": rgb, "mask": rect})
+    red = seg(obs, _object(rgb, disk))
+    blue = seg(obs, _object(rgb, rect))
     assert red and blue
     assert _iou(red[0].mask, disk) > 0.8, _iou(red[0].mask, disk)
     assert _iou(blue[0].mask, rect) > 0.8, _iou(blue[0].mask, rect)
@@ -198,6 +211,50 @@ def test_descriptor_ranking_picks_the_queried_object(sam: torch.nn.Module) -> No
     assert len(red) <= seg.cfg.max_results and head.calls == 2
 
 
+class ShapeOnly(torch.nn.Module):
+    """A colour-blind descriptor stand-in: the mask's layout pooled on a 4x4 grid, (N, 16)."""
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(mask.float(), 4).flatten(1)
+
+
+@needs_sam
+def test_colour_term_tells_apart_what_the_descriptor_cannot(sam: torch.nn.Module) -> None:
+    """Two equal disks, red and blue: a colour-blind descriptor scores both alike; the colour term picks the
+    queried one, and the head-cover term the one the head marks."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:H, :W]
+    rgb = np.clip(120 + rng.normal(0, 10, (H, W, 3)), 0, 255).astype(np.uint8)
+    left = (xx - 90) ** 2 + (yy - 120) ** 2 < 45**2
+    right = (xx - 230) ** 2 + (yy - 120) ** 2 < 45**2
+    rgb[left], rgb[right] = RED, BLUE
+    matcher = FakeMatcher()
+    matcher.net = ShapeOnly()
+    obs = _obs(rgb)
+    for mask, other in ((left, right), (right, left)):
+        cfg = ProposalConfig(image_size=512, grid=(6, 4), head_peaks=0, head_weight=0.0, cover_weight=0.0,
+                             colour_weight=1.0)
+        res = ProposalSegmenter(FlatHead(), sam, matcher, cfg)(obs, _object(rgb, mask))
+        assert res and _iou(res[0].mask, mask) > 0.8, _iou(res[0].mask, mask)
+        masks, _, feats = ProposalSegmenter(FlatHead(), sam, matcher, cfg).candidates(obs, _object(rgb, mask))
+        on = [i for i, m in enumerate(masks) if _iou(m, mask) > 0.8]
+        off = [i for i, m in enumerate(masks) if _iou(m, other) > 0.8]
+        assert on and off
+        assert feats.colour[on].max() > 0.9 > 0.1 > feats.colour[off].max()
+        assert abs(feats.cos[on].max() - feats.cos[off].max()) < 0.05  # the descriptor cannot tell them apart
+
+    class RightHead(FlatHead):
+        def probability(self, obs: Observation, obj: SimpleNamespace) -> np.ndarray:
+            return right.astype(np.float32) * 0.9
+
+    grey = rgb.copy()
+    grey[left | right] = (90, 90, 90)  # now colour cannot tell them apart either
+    cover = ProposalConfig(image_size=512, grid=(6, 4), head_peaks=0, head_weight=0.0, cover_weight=1.0,
+                           colour_weight=0.0)
+    res = ProposalSegmenter(RightHead(), sam, matcher, cover)(_obs(grey), _object(grey, left))
+    assert res and _iou(res[0].mask, right) > 0.8  # the head's blob wins
+
+
 @needs_sam
 def test_frame_cache_embeds_once_per_image(sam: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     rgb, disk, rect = _scene()
@@ -210,12 +267,12 @@ def test_frame_cache_embeds_once_per_image(sam: torch.nn.Module, monkeypatch: py
 
     monkeypatch.setattr(sam, "embed_image", counting)
     seg = ProposalSegmenter(FlatHead(), sam, FakeMatcher(), ProposalConfig(image_size=512, grid=(3, 2), head_peaks=0))
-    seg(_obs(rgb), {"rgb": rgb, "mask": disk})
-    seg(_obs(rgb.copy()), {"rgb": rgb, "mask": rect})  # same content, another array
+    seg(_obs(rgb), _object(rgb, disk))
+    seg(_obs(rgb.copy()), _object(rgb, rect))  # same content, another array
     assert len(calls) == 1
     other = rgb.copy()
     other[0, 0] = 0
-    seg(_obs(other), {"rgb": rgb, "mask": disk})
+    seg(_obs(other), _object(rgb, disk))
     assert len(calls) == 2
 
 
@@ -224,18 +281,18 @@ def test_head_peaks_prompt_and_min_score_rejects(sam: torch.nn.Module) -> None:
     rgb, disk, _ = _scene()
 
     class DiskHead(FlatHead):
-        def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+        def probability(self, obs: Observation, obj: SimpleNamespace) -> np.ndarray:
             return disk.astype(np.float32) * 0.9
 
     only_peaks = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4)
-    res = ProposalSegmenter(DiskHead(), sam, FakeMatcher(), only_peaks)(_obs(rgb), {"rgb": rgb, "mask": disk})
+    res = ProposalSegmenter(DiskHead(), sam, FakeMatcher(), only_peaks)(_obs(rgb), _object(rgb, disk))
     assert res and _iou(res[0].mask, disk) > 0.8
     assert res[0].score > 0.8  # the head agrees with the mask
     strict = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4, min_score=5.0)
-    assert ProposalSegmenter(DiskHead(), sam, FakeMatcher(), strict)(_obs(rgb), {"rgb": rgb, "mask": disk}) == []
+    assert ProposalSegmenter(DiskHead(), sam, FakeMatcher(), strict)(_obs(rgb), _object(rgb, disk)) == []
     flat = ProposalConfig(image_size=512, grid=(0, 0), head_peaks=4)
     no_peaks = ProposalSegmenter(FlatHead(0.1), sam, FakeMatcher(), flat)
-    assert no_peaks(_obs(rgb), {"rgb": rgb, "mask": disk}) == []  # a flat head map has no peaks >= 0.3
+    assert no_peaks(_obs(rgb), _object(rgb, disk)) == []  # a flat head map has no peaks >= 0.3
 
 
 class FixedHead(OneShotSegmenter):
@@ -245,7 +302,7 @@ class FixedHead(OneShotSegmenter):
         super().__init__(torch.nn.Identity(), torch.device("cpu"), ranking=ranking, ranker=ranker)
         self.prob = prob
 
-    def probability(self, obs: Observation, obj: dict) -> np.ndarray:
+    def probability(self, obs: Observation, obj: SimpleNamespace) -> np.ndarray:
         return self.prob
 
 
@@ -257,7 +314,7 @@ def _two_blob_prob(disk: np.ndarray, rect: np.ndarray) -> np.ndarray:
 
 def _bank(rgb: np.ndarray, mask: np.ndarray) -> SimpleNamespace:
     """An object as the head's ranking sees it: its templates' crop size, and what FakeMatcher reads."""
-    return SimpleNamespace(bank=SimpleNamespace(crop_size=64), rgb=rgb, mask=mask)
+    return _object(rgb, mask)
 
 
 def test_head_components_ranked_by_template_descriptor() -> None:

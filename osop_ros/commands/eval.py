@@ -15,6 +15,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated object ids, got {text!r}") from exc
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
 def _oracle_list(text: str) -> tuple[str, ...]:
     from osop_ros.eval.runner import ORACLE_CHOICES
 
@@ -184,6 +191,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="proposals: grid of point prompts (default 4,3)")
     q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
     q.add_argument("--proposal-image-size", type=int, default=None, help="proposals: MobileSAM input side (512)")
+    q.add_argument("--proposal-weights", type=_float_list, default=None, metavar="HEAD,COVER,COLOUR",
+                   help="proposals: ranking weights (default: the fitted ones; session 19's rule: 0.2,0,0)")
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
     q.set_defaults(func=stages_handler)
 
@@ -200,6 +209,10 @@ def _proposal_config(args: argparse.Namespace):  # noqa: ANN202 - ProposalConfig
         kw["head_peaks"] = args.proposal_peaks
     if args.proposal_image_size is not None:
         kw["image_size"] = args.proposal_image_size
+    if args.proposal_weights is not None:
+        if len(args.proposal_weights) != 3:
+            raise SystemExit("--proposal-weights takes HEAD,COVER,COLOUR")
+        kw["head_weight"], kw["cover_weight"], kw["colour_weight"] = args.proposal_weights
     return ProposalConfig(**kw)
 
 

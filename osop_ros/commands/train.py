@@ -1,4 +1,5 @@
-"""``osop train {prepare,segment,match,correspond}``: shard preparation and resumable training."""
+"""``osop train {prepare,segment,match,correspond,export,proposal-rank}``: shards, resumable training, the
+proposal ranking fit."""
 
 from __future__ import annotations
 
@@ -49,6 +50,68 @@ def _prepare(args: argparse.Namespace) -> int:
             prepare(Path(args.synth).expanduser(), Path(args.meshes).expanduser(), Path(args.out).expanduser(), cfg)
         )
     )
+    return 0
+
+
+def _dataset_spec(spec: str) -> tuple[Path, list[int] | None]:
+    """``DIR`` or ``DIR:ID,ID,...`` -> (path, object ids or None = all)."""
+    path, sep, ids = spec.rpartition(":")
+    if not sep or not ids.replace(",", "").isdigit():
+        return Path(spec).expanduser(), None
+    return Path(path).expanduser(), [int(x) for x in ids.split(",") if x]
+
+
+def _proposal_rank(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from osop_ros.core.config import ObjectConfig
+    from osop_ros.core.factory import Networks, build_segmenter, onboard_object
+    from osop_ros.core.matching import TemplateMatcher
+    from osop_ros.data.bop import BopDataset
+    from osop_ros.eval.runner import _bop_symmetries_m, load_eval_config, object_name
+    from osop_ros.train.proposal_rank import collect, fit_ranking, report, top1
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_eval_config(args.config)
+    nets = Networks.load(cfg)
+    matcher = TemplateMatcher(nets.matchnet, nets.device, top_k=cfg.pipeline.top_k_templates)
+    seg = build_segmenter(cfg, nets, matcher, "proposals")
+    queries, per_set = [], {}
+    for spec in args.dataset:
+        path, ids = _dataset_spec(spec)
+        ds = BopDataset(path, args.split)
+        wanted = sorted({t.obj_id for t in ds.targets} & set(ids if ids is not None else ds.obj_ids))
+        objects = {}
+        for oid in wanted:
+            oc = ObjectConfig(object_name(oid), str(ds.model_path(oid)), "mm", oid,
+                              _bop_symmetries_m(ds.models_info[oid]))
+            objects[oid] = onboard_object(oc, cfg, nets)
+        bar = tqdm(desc=f"proposals {path.name}", disable=not args.progress)
+
+        def tick(done: int, total: int, bar=bar) -> None:  # noqa: ANN001
+            bar.total = total
+            bar.update(done - bar.n)
+
+        per_set[str(path)] = collect(ds, objects, seg, max_images=args.max_images, progress=tick)
+        bar.close()
+        queries += per_set[str(path)]
+    w = fit_ranking(queries, l2=args.l2, min_target_iou=args.min_target_iou)
+    out = {
+        "pipeline": {"proposal_head_weight": round(float(w[1]), 3), "proposal_cover_weight": round(float(w[2]), 3),
+                     "proposal_colour_weight": round(float(w[3]), 3)},
+        **report(queries, w, seg.cfg.weights()),
+        "per_dataset": {k: {"fitted": top1(q, w), "current": top1(q, seg.cfg.weights())} for k, q in per_set.items()},
+        "fitted_on": [str(_dataset_spec(s)[0]) for s in args.dataset],
+        "weights_digest": nets.digest,
+        "command": "osop train proposal-rank " + " ".join(f"--dataset {s}" for s in args.dataset)
+        + (f" --max-images {args.max_images}" if args.max_images else "") + f" --l2 {args.l2}",
+    }
+    text = yaml.safe_dump(out, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
     return 0
 
 
@@ -133,6 +196,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     pe.add_argument("--out", default="weights")
     pe.add_argument("--hardware", default="", help="text for the model card, e.g. '2-core CPU, no GPU'")
     pe.set_defaults(func=_export)
+    pr = s.add_parser("proposal-rank", help="fit the stage-1 proposal ranking weights on scenes with visible masks")
+    pr.add_argument("--dataset", action="append", required=True, metavar="DIR[:ID,ID]",
+                    help="BOP dataset with mask_visib (e.g. `osop data synth --split val` output), optionally "
+                    "restricted to some object ids; repeat for several")
+    pr.add_argument("--split", default="test", help="split folder of the datasets")
+    pr.add_argument("--config", default=None, help="node or core config (default: the node's config/osop.yaml)")
+    pr.add_argument("--max-images", type=int, default=None, help="first N images of each dataset")
+    pr.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the raw logit weights")
+    pr.add_argument("--min-target-iou", type=float, default=0.3,
+                    help="queries whose best proposal has a lower IoU are left out of the fit")
+    pr.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    pr.add_argument("--out", default="", help="write the result (YAML) here too")
+    pr.add_argument("--progress", action="store_true")
+    pr.set_defaults(func=_proposal_rank)
     for stage in TASKS:
         t = s.add_parser(stage, help=f"train the stage network '{stage}' (resumable)")
         t.add_argument("--config", required=True, help="training YAML (see config/train/)")

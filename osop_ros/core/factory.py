@@ -145,6 +145,9 @@ def build_segmenter(cfg: OsopConfig, nets: Networks, matcher, kind: str | None =
         image_size=p.proposal_image_size,
         grid=(p.proposal_grid_x, p.proposal_grid_y),
         head_peaks=p.proposal_head_peaks,
+        head_weight=p.proposal_head_weight,
+        cover_weight=p.proposal_cover_weight,
+        colour_weight=p.proposal_colour_weight,
         min_score=p.proposal_min_score,
     )
     return ProposalSegmenter(head, sam, matcher, pcfg, crop_size=cfg.templates.crop_size)

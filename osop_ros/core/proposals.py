@@ -3,17 +3,23 @@
 Per frame (cached under a content key of the image, shared by every queried object):
 MobileSAM embeds the image once and its mask decoder is prompted on a coarse grid of points; the
 masks are filtered (predicted IoU, stability, area), de-duplicated by mask IoU (NMS) and each one
-is embedded with the stage-2 descriptor (crop framed like a template, background masked).
+is embedded with the stage-2 descriptor (crop framed like a template, background masked) and
+summarised by a colour histogram.
 
 Per object: the OSOP head (:class:`~osop_ros.core.segmentation.OneShotSegmenter`) adds prompts at
-the peaks of its probability map, and every proposal is scored by
+the peaks of its probability map, and every proposal is scored by a linear ranking
 
-    score = max cosine(proposal descriptor, template descriptors) + ``head_weight`` x mean head probability
+    score = max cosine(proposal descriptor, template descriptors)
+            + ``head_weight`` x mean head probability inside the proposal
+            + ``cover_weight`` x share of the head's mask (probability >= 0.5) inside the proposal
+            + ``colour_weight`` x colour agreement (Bhattacharyya coefficient of the proposal's colour
+              histogram and the object's, from its rendered templates)
 
-(both measured on the real LM-O sample and on the second-style held-out set, docs/results.md). The
-returned :class:`SegmentationResult` keeps ``score`` = mean head probability inside the mask, the
-feature the score calibration was fitted with; the ranking score is ``rank_score`` (the pipeline
-reports it as ``diagnostics["seg_rank_score"]``).
+whose weights were fitted on proposals of our own synthetic val scenes (``osop train proposal-rank``,
+:mod:`osop_ros.train.proposal_rank`) and checked on the second style and the real LM-O sample
+(docs/results.md, session 20). The returned :class:`SegmentationResult` keeps ``score`` = mean head
+probability inside the mask, the feature the score calibration was fitted with; the ranking score is
+``rank_score`` (the pipeline reports it as ``diagnostics["seg_rank_score"]``).
 """
 
 from __future__ import annotations
@@ -25,12 +31,70 @@ import cv2
 import numpy as np
 import torch
 
+from osop_ros.core.config import PROPOSAL_COLOUR_WEIGHT, PROPOSAL_COVER_WEIGHT, PROPOSAL_HEAD_WEIGHT
 from osop_ros.core.geometry import mask_to_box
 from osop_ros.core.matching import TemplateMatcher
 from osop_ros.core.segmentation import OneShotSegmenter, rank_margins
 from osop_ros.core.stages import OnboardedObject
 from osop_ros.core.types import InvalidInputError, Observation, SegmentationResult
 from osop_ros.nets.mobile_sam import SamImage
+
+FEATURE_NAMES = ("cos", "head", "cover", "colour")
+"""Columns of :class:`ProposalFeatures` ``matrix()``, in the order of :meth:`ProposalConfig.weights`."""
+
+HIST_HUES, HIST_SATS, HIST_GREYS = 12, 3, 4
+HIST_BINS = HIST_HUES * HIST_SATS + HIST_GREYS
+GREY_SAT, DARK_VALUE = 50, 40  # OpenCV HSV (0-255): less saturated or darker pixels are binned by value
+
+
+def colour_histogram(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 RGB pixels -> (HIST_BINS,) float32 normalised histogram (uniform when N = 0).
+
+    Chromatic pixels: 12 hue x 3 saturation bins; grey or dark ones (saturation < 50 or value < 40 on
+    OpenCV's 0-255 HSV): 4 value bins. Hue and saturation barely move with brightness, so a rendered
+    template and a real photo of the object share bins.
+    """
+    if len(pixels) == 0:
+        return np.full(HIST_BINS, 1.0 / HIST_BINS, np.float32)
+    hsv = cv2.cvtColor(np.ascontiguousarray(pixels, np.uint8).reshape(-1, 1, 3), cv2.COLOR_RGB2HSV)
+    h, s, v = hsv.reshape(-1, 3).astype(np.int32).T
+    grey = (s < GREY_SAT) | (v < DARK_VALUE)
+    hue = np.minimum(h * HIST_HUES // 180, HIST_HUES - 1)
+    sat = np.clip((s - GREY_SAT) * HIST_SATS // (256 - GREY_SAT), 0, HIST_SATS - 1)
+    idx = np.where(grey, HIST_HUES * HIST_SATS + np.minimum(v * HIST_GREYS // 256, HIST_GREYS - 1),
+                   hue * HIST_SATS + sat)
+    hist = np.bincount(idx, minlength=HIST_BINS).astype(np.float32)
+    return hist / hist.sum()
+
+
+def mask_histograms(rgb: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 image, (N, H, W) bool masks -> (N, HIST_BINS) colour histograms of the masked pixels."""
+    return np.stack([colour_histogram(rgb[m]) for m in masks]) if len(masks) else np.zeros((0, HIST_BINS), np.float32)
+
+
+def object_histogram(rgb: np.ndarray, mask: np.ndarray, max_pixels: int = 200_000) -> np.ndarray:
+    """Colour histogram of an object's rendered templates: (T, S, S, 3) uint8, (T, S, S) bool -> (HIST_BINS,)."""
+    px = rgb[mask]
+    return colour_histogram(px[:: max(1, len(px) // max_pixels)])
+
+
+@dataclass
+class ProposalFeatures:
+    """The ranking features of N proposals of one queried object, each (N,) float32.
+
+    cos: best template-descriptor cosine; head: mean head probability inside the mask; cover: share of
+    the head's mask (probability >= 0.5) inside the proposal (0 when the head finds nothing); colour:
+    Bhattacharyya coefficient of the proposal's and the object's colour histograms (0..1).
+    """
+
+    cos: np.ndarray
+    head: np.ndarray
+    cover: np.ndarray
+    colour: np.ndarray
+
+    def matrix(self) -> np.ndarray:
+        """(N, 4) float64 in the order of :data:`FEATURE_NAMES`."""
+        return np.stack([np.asarray(getattr(self, k), np.float64) for k in FEATURE_NAMES], 1)
 
 
 @dataclass
@@ -41,6 +105,8 @@ class ProposalConfig:
     the head's probability peaks >= ``peak_min_prob``; a mask is kept when its predicted IoU >=
     ``min_pred_iou``, its stability (IoU of the masks at logit +-1) >= ``min_stability`` and its area
     is ``min_area_frac``..``max_area_frac`` of the image; ``nms_iou``: duplicate threshold;
+    ``head_weight``, ``cover_weight``, ``colour_weight``: the ranking's weights (module docstring; the
+    descriptor cosine has weight 1; defaults fitted by ``osop train proposal-rank``, session 20);
     ``min_score``: proposals scoring less are dropped (no mask = "not here"); ``max_results``: masks
     returned per object, best first.
     """
@@ -54,7 +120,9 @@ class ProposalConfig:
     min_area_frac: float = 2e-4
     max_area_frac: float = 0.3
     nms_iou: float = 0.7
-    head_weight: float = 0.2
+    head_weight: float = PROPOSAL_HEAD_WEIGHT
+    cover_weight: float = PROPOSAL_COVER_WEIGHT
+    colour_weight: float = PROPOSAL_COLOUR_WEIGHT
     min_score: float = 0.0
     max_results: int = 4
     batch: int = 64
@@ -65,15 +133,22 @@ class ProposalConfig:
             raise InvalidInputError(f"proposals need prompts (grid points or head peaks), got grid {self.grid}")
         if self.max_results < 1 or self.batch < 1:
             raise InvalidInputError("proposals: max_results and batch must be >= 1")
+        if not all(np.isfinite(self.weights())):
+            raise InvalidInputError(f"proposals: ranking weights must be finite, got {self.weights()}")
+
+    def weights(self) -> np.ndarray:
+        """(4,) float64 ranking weights in the order of :data:`FEATURE_NAMES` (the cosine's is 1)."""
+        return np.array([1.0, self.head_weight, self.cover_weight, self.colour_weight], np.float64)
 
 
 @dataclass
 class _Proposals:
-    """Masks of one prompt set: full-resolution masks (N, H, W) bool and descriptors (N, D)."""
+    """Masks of one prompt set: full-resolution masks (N, H, W) bool, descriptors (N, D), colour histograms."""
 
     masks: np.ndarray
     desc: torch.Tensor
     pred_iou: np.ndarray  # (N,) MobileSAM's predicted IoU
+    hist: np.ndarray  # (N, HIST_BINS) float32 colour histograms of the masked pixels
 
 
 @dataclass
@@ -155,6 +230,9 @@ class ProposalSegmenter:
         self.matcher = matcher
         self.cfg = cfg or ProposalConfig()
         self._frame: _Frame | None = None
+        self._colours: list[tuple[object, np.ndarray]] = []  # (template bank, its colour histogram), newest first
+
+    max_cached_objects = 64
 
     # --- per frame -------------------------------------------------------------------------------
     def frame(self, rgb: np.ndarray) -> _Frame:
@@ -198,10 +276,22 @@ class ProposalSegmenter:
         masks = masks[nonempty]
         if len(masks) == 0:
             return self._empty(H, W)
-        return _Proposals(masks, self._describe(rgb, masks), io[keep].cpu().numpy()[nonempty])
+        return _Proposals(masks, self._describe(rgb, masks), io[keep].cpu().numpy()[nonempty],
+                          mask_histograms(rgb, masks))
 
     def _empty(self, H: int, W: int) -> _Proposals:
-        return _Proposals(np.zeros((0, H, W), bool), torch.zeros(0, 1), np.zeros(0, np.float32))
+        return _Proposals(np.zeros((0, H, W), bool), torch.zeros(0, 1), np.zeros(0, np.float32),
+                          np.zeros((0, HIST_BINS), np.float32))
+
+    def object_colour(self, obj: OnboardedObject) -> np.ndarray:
+        """(HIST_BINS,) colour histogram of ``obj``'s templates (cached per bank, held with it)."""
+        bank = obj.bank
+        for b, h in self._colours:
+            if b is bank:
+                return h
+        h = object_histogram(bank.rgb, bank.mask)
+        self._colours = [(bank, h), *self._colours[: self.max_cached_objects - 1]]
+        return h
 
     def _describe(self, rgb: np.ndarray, masks: np.ndarray) -> torch.Tensor:
         """(N, D) L2-normalised descriptors of the mask crops (framed like the stage-2 query)."""
@@ -209,8 +299,9 @@ class ProposalSegmenter:
 
     # --- per object ------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, obs: Observation, obj: OnboardedObject) -> list[SegmentationResult]:
-        """Masks of ``obj`` in ``obs`` best first (at most ``max_results``; empty = not found)."""
+    def candidates(self, obs: Observation, obj: OnboardedObject) -> tuple[np.ndarray, np.ndarray, ProposalFeatures]:
+        """Every proposal for ``obj`` in ``obs`` before ranking: (N, H, W) bool masks, the head's (H, W)
+        probability map and the ranking features (grid proposals first, then the head-peak ones)."""
         c = self.cfg
         rgb = obs.rgb
         H, W = rgb.shape[:2]
@@ -222,14 +313,30 @@ class ProposalSegmenter:
         peaks = self.propose(rgb, fr, probability_peaks(prob, c.head_peaks, c.peak_min_prob))
         masks = np.concatenate([fr.grid.masks, peaks.masks])
         if len(masks) == 0:
-            return []
+            z = np.zeros(0, np.float32)
+            return masks, prob, ProposalFeatures(z, z, z, z)
         desc = torch.cat([d for d in (fr.grid.desc, peaks.desc) if len(d)])
-        cos = self.matcher.template_similarity(desc, obj)
-        flat = masks.reshape(len(masks), -1)
+        flat = masks.reshape(len(masks), -1).astype(np.float32)
         area = flat.sum(1)
-        head_mean = (flat.astype(np.float32) @ prob.ravel()) / np.maximum(area, 1)
-        score = cos + c.head_weight * head_mean
-        if len(peaks.masks) and len(fr.grid.masks):  # a peak mask duplicating a grid mask: keep the better
+        fg = (prob >= 0.5).ravel().astype(np.float32)
+        hist = np.concatenate([fr.grid.hist, peaks.hist])
+        feats = ProposalFeatures(
+            cos=self.matcher.template_similarity(desc, obj),
+            head=((flat @ prob.ravel()) / np.maximum(area, 1)).astype(np.float32),
+            cover=((flat @ fg) / max(1.0, float(fg.sum()))).astype(np.float32),
+            colour=np.sqrt(hist * self.object_colour(obj)[None]).sum(1).astype(np.float32),
+        )
+        return masks, prob, feats
+
+    @torch.no_grad()
+    def __call__(self, obs: Observation, obj: OnboardedObject) -> list[SegmentationResult]:
+        """Masks of ``obj`` in ``obs`` best first (at most ``max_results``; empty = not found)."""
+        c = self.cfg
+        masks, prob, feats = self.candidates(obs, obj)
+        if len(masks) == 0:
+            return []
+        score = (feats.matrix() @ c.weights()).astype(np.float32)
+        if len(masks) > 1:  # a peak mask duplicating a grid mask: keep the better
             keep = mask_nms(torch.from_numpy(masks), torch.from_numpy(score), c.nms_iou).numpy()
         else:
             keep = np.argsort(-score)
@@ -241,7 +348,7 @@ class ProposalSegmenter:
                 mask=masks[i],
                 prob=prob,
                 box=mask_to_box(masks[i]),
-                score=float(head_mean[i]),
+                score=float(feats.head[i]),
                 rank_score=float(score[i]),
                 rank_margin=margin[i],
             )

@@ -169,7 +169,10 @@ _CORE_DESCRIPTIONS = {
     "pipeline.proposal_grid_x": "proposals: point-prompt grid columns per frame",
     "pipeline.proposal_grid_y": "proposals: point-prompt grid rows per frame",
     "pipeline.proposal_head_peaks": "proposals: extra prompts per object at the head's probability peaks",
-    "pipeline.proposal_min_score": "proposals: drop masks ranking below this (descriptor cosine + 0.2 x head prob)",
+    "pipeline.proposal_head_weight": "proposals: ranking weight of the mean head probability (cosine's = 1)",
+    "pipeline.proposal_cover_weight": "proposals: ranking weight of the share of the head's mask covered",
+    "pipeline.proposal_colour_weight": "proposals: ranking weight of the colour agreement with the templates",
+    "pipeline.proposal_min_score": "proposals: drop masks whose ranking score (cosine + weighted terms) is below this",
 }
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
@@ -181,7 +184,10 @@ _CORE_RANGES = {
     "pipeline.proposal_grid_x": (0, 64),
     "pipeline.proposal_grid_y": (0, 64),
     "pipeline.proposal_head_peaks": (0, 64),
-    "pipeline.proposal_min_score": (-2.0, 2.0),
+    "pipeline.proposal_head_weight": (0.0, 5.0),
+    "pipeline.proposal_cover_weight": (0.0, 5.0),
+    "pipeline.proposal_colour_weight": (0.0, 5.0),
+    "pipeline.proposal_min_score": (-2.0, 5.0),
 }
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
