@@ -102,6 +102,43 @@ def mask_noise(m: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.
     return torch.cat(out)
 
 
+def mask_shape_noise(m: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_drop: float = 0.3) -> torch.Tensor:
+    """Local shape errors of real stage-1 masks, (B, 1, H, W) binary -> same shape.
+
+    With probability ``p`` per sample, half the time a part is cut off (the mask pixels beyond a random line,
+    5 %..``max_drop`` of the area: a missed part), else an ellipse is added at a random boundary pixel (10-25 %
+    of the mask's size: a shadow or a neighbour taken in). The crop's pixels are unchanged, so an added region
+    shows the background there, as a real mask does.
+    """
+    out = m.clone()
+    b, _, h, w = m.shape
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    for i in range(b):
+        if float(torch.rand(1, generator=gen)) >= p:
+            continue
+        on = out[i, 0] > 0.5
+        ys, xs = torch.nonzero(on, as_tuple=True)
+        if len(ys) < 16:
+            continue
+        if float(torch.rand(1, generator=gen)) < 0.5:  # cut a part off
+            a = float(torch.rand(1, generator=gen)) * 2 * torch.pi
+            proj = xs.float() * float(torch.cos(torch.tensor(a))) + ys.float() * float(torch.sin(torch.tensor(a)))
+            frac = 0.05 + (max_drop - 0.05) * float(torch.rand(1, generator=gen))
+            cut = torch.quantile(proj, 1.0 - frac)
+            drop = proj > cut
+            out[i, 0, ys[drop], xs[drop]] = 0
+        else:  # add a blob at the boundary
+            edge = on & ~(-F.max_pool2d(-on[None, None].float(), 3, 1, 1)[0, 0] > 0.5)
+            ey, ex = torch.nonzero(edge, as_tuple=True)
+            k = int(torch.randint(0, len(ey), (1,), generator=gen))
+            size = float(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+            ry = size * (0.10 + 0.15 * float(torch.rand(1, generator=gen)))
+            rx = size * (0.10 + 0.15 * float(torch.rand(1, generator=gen)))
+            blob = ((yy - float(ey[k])) / ry) ** 2 + ((xx - float(ex[k])) / rx) ** 2 <= 1.0
+            out[i, 0][blob.to(out.device)] = 1
+    return out
+
+
 def random_cutout(
     x: torch.Tensor, m: torch.Tensor, gen: torch.Generator, p: float = 0.3
 ) -> tuple[torch.Tensor, torch.Tensor]:

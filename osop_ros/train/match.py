@@ -28,6 +28,7 @@ from osop_ros.train.data import (
     load_objects,
     load_shards,
     mask_noise,
+    mask_shape_noise,
     random_blur,
     random_cutout,
     to_tensor_mask,
@@ -71,6 +72,7 @@ class MatchTask:
         self.q_per = int(opts.get("queries_per_object", 4))
         self.v_neg = int(opts.get("views_per_object", 12))
         self.sigma = float(opts.get("sigma_deg", 10.0))
+        self.shape_noise = float(opts.get("mask_shape_noise", 0.0))  # share of queries given local mask errors
         self.model_cfg = model_cfg
         self.gen = torch.Generator().manual_seed(int(opts.get("seed", 0)))
         self.val_dir = val_dir
@@ -118,6 +120,8 @@ class MatchTask:
         q_rgb = random_blur(color_jitter(q_rgb, self.gen), self.gen)
         q_rgb, q_mask = random_cutout(q_rgb, q_mask, self.gen, p=0.2)
         q_mask = mask_noise(q_mask, self.gen)
+        if self.shape_noise > 0:
+            q_mask = mask_shape_noise(q_mask, self.gen, p=self.shape_noise)
         net = model.module if hasattr(model, "module") else model
         if getattr(net.cfg, "objective", "contrastive") == "autoencoder":
             return self._ae_step(model, net, q_rgb, q_mask, q_idx_a, device)
