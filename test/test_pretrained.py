@@ -256,6 +256,29 @@ def test_descriptor_sensitive_to_rotation_not_to_background(lite0: PretrainedBac
 
 
 @needs_lite0
+def test_shipped_match_projection_loads_and_keeps_the_descriptor_properties() -> None:
+    """weights/match_feat.pt (opt-in stage 2): only the projection is in the file, it is trained (not the
+    seeded initialisation), and the descriptor still ignores the background and sees the roll."""
+    path = Path(__file__).resolve().parents[1] / "weights" / "match_feat.pt"
+    net = from_checkpoint(path, "cpu", arch="match").eval()
+    assert isinstance(net, FeatMatchNet) and net.cfg.proj_dim == 128
+    torch.manual_seed(0)
+    fresh = FeatMatchNet(net.cfg, backbone=net.backbone)
+    assert not torch.allclose(fresh.proj.weight, net.proj.weight.float(), atol=1e-3)
+    g = torch.Generator().manual_seed(1)
+    obj = torch.rand(1, 3, 64, 64, generator=g)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 12:52, 20:44] = 1
+    other_bg = obj * mask + torch.rand(1, 3, 64, 64, generator=g) * (1 - mask)
+    with torch.no_grad():
+        d0, d1 = net(obj, mask), net(other_bg, mask)
+        d2 = net(obj.transpose(-1, -2), mask.transpose(-1, -2))
+    assert d0.shape == (1, 128 * 16) and float(d0.norm()) == pytest.approx(1.0, abs=1e-4)
+    assert float(d0 @ d1.T) > 0.999
+    assert float(d0 @ d2.T) < 0.95
+
+
+@needs_lite0
 @pytest.mark.parametrize("roll", [24.0, -30.0])
 def test_rolled_query_search_finds_template_and_roll(roll: float) -> None:
     """A template crop rolled by ``roll`` is matched to that template with in-plane angle ``roll``."""
