@@ -52,7 +52,9 @@ def colour_histogram(pixels: np.ndarray) -> np.ndarray:
 
     Chromatic pixels: 12 hue x 3 saturation bins; grey or dark ones (saturation < 50 or value < 40 on
     OpenCV's 0-255 HSV): 4 value bins. Hue and saturation barely move with brightness, so a rendered
-    template and a real photo of the object share bins.
+    template and a real photo of the object share bins (the stage-1 head's histogram,
+    :func:`osop_ros.nets.segnet.colour_histogram`, splits by intensity and is a network input, so it is
+    not reused here).
     """
     if len(pixels) == 0:
         return np.full(HIST_BINS, 1.0 / HIST_BINS, np.float32)

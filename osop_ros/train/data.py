@@ -121,8 +121,8 @@ def mask_shape_noise(m: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_
         if len(ys) < 16:
             continue
         if float(torch.rand(1, generator=gen)) < 0.5:  # cut a part off
-            a = float(torch.rand(1, generator=gen)) * 2 * torch.pi
-            proj = xs.float() * float(torch.cos(torch.tensor(a))) + ys.float() * float(torch.sin(torch.tensor(a)))
+            a = float(torch.rand(1, generator=gen)) * 2 * math.pi
+            proj = xs.float() * math.cos(a) + ys.float() * math.sin(a)
             frac = 0.05 + (max_drop - 0.05) * float(torch.rand(1, generator=gen))
             cut = torch.quantile(proj, 1.0 - frac)
             drop = proj > cut
