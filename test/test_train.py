@@ -212,6 +212,22 @@ def test_segment_and_match_steps(shards: Path, tmp_path: Path) -> None:
     assert from_checkpoint(tmp_path / "match_ae" / "best.pt", "cpu").decoder is not None
 
 
+def test_match_validation_grid_and_fixed_mask_noise(shards: Path, tmp_path: Path) -> None:
+    """``val_grid`` sets the validation bank; ``val_shape_noise`` corrupts the same val masks every time."""
+    cfg = _cfg(shards, "match", tmp_path / "m", model=TINY_MATCH)
+    opts = {"meshes_dir": str(shards / "meshes"), "val_objects": 2, "max_val": 4, "val_grid": [2, 3, 2]}
+    with pytest.raises(ValueError, match="val_grid"):
+        MatchTask(cfg.path("train_dir"), cfg.path("val_dir"), 8, TINY_MATCH, {**opts, "val_grid": [2, 3]})
+    dirs = (cfg.path("train_dir"), cfg.path("val_dir"))
+    clean = MatchTask(*dirs, 8, TINY_MATCH, opts)._build_val()
+    assert all(len(b.poses) == 2 * 3 * 2 for b in clean["banks"].values())
+    noisy = [MatchTask(*dirs, 8, TINY_MATCH, {**opts, "val_shape_noise": 1.0})._build_val() for _ in range(2)]
+    a, b, c = clean["val"]["q_mask"], noisy[0]["val"]["q_mask"], noisy[1]["val"]["q_mask"]
+    assert b.dtype == a.dtype and set(np.unique(b)) <= {0, 1}
+    assert (b != a).any() and np.array_equal(b, c)
+    assert np.array_equal(noisy[0]["val"]["q_rgb"], clean["val"]["q_rgb"])  # only the masks change
+
+
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank)

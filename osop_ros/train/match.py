@@ -7,9 +7,11 @@ distribution over all templates in the batch is ``exp(-angle^2 / 2 sigma^2)`` ov
 templates (0 elsewhere), so near-identical views are not pushed apart. Why not the autoencoder
 (bootstrapped L2) reading: see ``weights/match.md`` (measured on held-out objects).
 
-Validation: held-out objects get a coarse bank (8 x 18 x 5 views); top-1 template after in-plane
-refinement (the runtime procedure of :class:`osop_ros.core.matching.TemplateMatcher`) -> median
-rotation error and share within 15 degrees.
+Validation: held-out objects get a coarse bank (``val_grid``, default 8 x 18 x 5 views); top-1 template
+after in-plane refinement (the runtime procedure of :class:`osop_ros.core.matching.TemplateMatcher`) ->
+median rotation error and share within 15 degrees. ``val_shape_noise`` gives that share of the validation
+queries the training's local mask shape errors, drawn once with a fixed seed (the same queries every
+validation), so that the metric follows what real stage-1 masks do to stage 2.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class MatchTask:
         self.meshes_dir = Path(opts.get("meshes_dir", "~/.cache/osop/data/meshes")).expanduser()
         self.n_val_objects = int(opts.get("val_objects", 16))
         self.max_val = int(opts.get("max_val", 300))
+        self.val_grid = tuple(int(v) for v in opts.get("val_grid", (8, 18, 5)))
+        if len(self.val_grid) != 3 or min(self.val_grid) < 1:
+            raise ValueError(f"val_grid must be 3 positive integers (elevations, azimuths, in-plane): {self.val_grid}")
+        self.val_shape_noise = float(opts.get("val_shape_noise", 0.0))
         self._val: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
@@ -173,7 +179,12 @@ class MatchTask:
         val = load_shards(self.val_dir, "instances")
         oids = [int(o) for o in np.unique(val["obj_id"])][: self.n_val_objects]
         cfg = TemplateConfig(
-            views=ViewGridConfig(n_elevations=8, n_azimuths=18, n_inplane=5, elevation_range_deg=(-90.0, 90.0)),
+            views=ViewGridConfig(
+                n_elevations=self.val_grid[0],
+                n_azimuths=self.val_grid[1],
+                n_inplane=self.val_grid[2],
+                elevation_range_deg=(-90.0, 90.0),
+            ),
             crop_size=val["q_rgb"].shape[1],
         )
         banks = {}
@@ -184,7 +195,12 @@ class MatchTask:
         keep = np.nonzero(np.isin(val["obj_id"], oids))[0][: self.max_val]
         vobj = load_objects(self.val_dir)
         syms = {int(o): vobj["sym_R"][i] for i, o in enumerate(vobj["obj_id"])} if "sym_R" in vobj else {}
-        return {"val": {k: v[keep] for k, v in val.items()}, "banks": banks, "syms": syms}
+        val = {k: v[keep] for k, v in val.items()}
+        if self.val_shape_noise > 0:  # fixed seed: the same corrupted queries at every validation
+            m = torch.from_numpy(val["q_mask"] > 0).float()[:, None]
+            m = mask_shape_noise(m, torch.Generator().manual_seed(12345), p=self.val_shape_noise)
+            val["q_mask"] = (m[:, 0].numpy() > 0.5).astype(val["q_mask"].dtype)  # {0, 1} like the shards
+        return {"val": val, "banks": banks, "syms": syms}
 
     @torch.no_grad()
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
