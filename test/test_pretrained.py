@@ -262,9 +262,13 @@ def test_descriptor_sensitive_to_rotation_not_to_background(lite0: PretrainedBac
 
 @needs_lite0
 def test_shipped_match_projection_loads_and_keeps_the_descriptor_properties() -> None:
-    """weights/match_feat.pt (opt-in stage 2): only the projection is in the file, it is trained (not the
-    seeded initialisation), and the descriptor still ignores the background and sees the roll."""
+    """weights/match_feat.pt (the default stage 2): the default config resolves to it, only the projection
+    is in the file, it is trained (not the seeded initialisation), and the descriptor still ignores the
+    background and sees the roll."""
+    from osop_ros.core.config import OsopConfig
+
     path = Path(__file__).resolve().parents[1] / "weights" / "match_feat.pt"
+    assert Path(OsopConfig().weight_path("match")).resolve() == path.resolve()
     net = from_checkpoint(path, "cpu", arch="match").eval()
     assert isinstance(net, FeatMatchNet) and net.cfg.proj_dim == 128
     torch.manual_seed(0)

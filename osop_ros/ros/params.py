@@ -151,7 +151,10 @@ _CORE_DESCRIPTIONS = {
     "pipeline.modality": "auto | rgb | rgbd",
     "pipeline.max_instances": "instances per object and frame",
     "weights.segment": "segmentation checkpoint; empty = shipped weights; cosine:<backbone> = training-free",
-    "weights.match": "template matching checkpoint; empty = shipped weights; descriptor:<backbone> = training-free",
+    "weights.match": (
+        "template matching checkpoint (default package://osop_ros/weights/match_feat.pt); "
+        "descriptor:<backbone> = training-free; empty = weights/match.pt (the CPU-trained MatchNet)"
+    ),
     "weights.correspond": "correspondence checkpoint; empty = shipped weights",
     "templates.cache_dir": "template bank cache; empty = $OSOP_CACHE_DIR or ~/.cache/osop/templates",
     "pipeline.verify": "render-and-compare verification of every pose hypothesis; score = calibrated P(correct)",
