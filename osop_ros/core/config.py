@@ -141,6 +141,9 @@ class PipelineConfig:
     ``head`` | ``proposals`` | ``same`` (= ``segmenter``). Proposals by default since session 19: on the
     real LM-O sample they find the queried object more often (RGB AR 0.116 -> 0.183), and without depth
     no mask clean-up or ICP makes up for a wrong or ragged stage-1 mask (docs/results.md, session 19).
+    ``rgb_scale_search``: frames without depth: move the verified pose along its viewing ray by up to this
+    relative distance change to the best-verified distance (``rgb_scale_steps`` log-spaced factors; 0 =
+    off; :mod:`osop_ros.core.scale_search`, session 21).
     ``seg_ranking``: order of the head's components (which ones ``verify_candidates`` takes):
     ``descriptor`` = template-descriptor cosine + 0.2 x mean head probability (the proposals' rule),
     ``head`` = mean head probability x sqrt(area) (the rule before session 16).
@@ -172,6 +175,8 @@ class PipelineConfig:
     proposal_cover_weight: float = PROPOSAL_COVER_WEIGHT
     proposal_colour_weight: float = PROPOSAL_COLOUR_WEIGHT
     proposal_min_score: float = 0.0
+    rgb_scale_search: float = 0.2  # max relative distance change searched without depth (0 = off)
+    rgb_scale_steps: int = 21
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.symmetry_partial_quantile < 0.98:
@@ -179,6 +184,11 @@ class PipelineConfig:
                 f"pipeline.symmetry_partial_quantile must be in [0, 0.98), got {self.symmetry_partial_quantile}")
         if not 0.0 <= self.symmetry_approx_tol <= 0.2:
             raise InvalidInputError(f"pipeline.symmetry_approx_tol must be in [0, 0.2], got {self.symmetry_approx_tol}")
+        if not 0.0 <= self.rgb_scale_search <= 0.5 or not 3 <= self.rgb_scale_steps <= 101:
+            raise InvalidInputError(
+                f"pipeline.rgb_scale_search must be in [0, 0.5] and pipeline.rgb_scale_steps in [3, 101], got "
+                f"{self.rgb_scale_search} and {self.rgb_scale_steps}"
+            )
         if self.verify_refine_top_n < 0 or self.verify_candidates < 1:
             raise InvalidInputError(
                 f"pipeline.verify_refine_top_n must be >= 0 and pipeline.verify_candidates >= 1, got "

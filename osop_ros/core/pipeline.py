@@ -29,6 +29,7 @@ from osop_ros.core.types import (
 if TYPE_CHECKING:
     from osop_ros.core.config import OsopConfig, PipelineConfig
     from osop_ros.core.depth_seg import DepthMaskRefiner
+    from osop_ros.core.scale_search import RgbScaleSearch
     from osop_ros.core.symmetry import ColourSymmetrySearch
     from osop_ros.core.verify import ScoreCalibration, Verifier
 
@@ -54,7 +55,9 @@ class Pipeline:
     ``diagnostics["score_calibrated"]`` says which). Assigning :attr:`config` (an :class:`OsopConfig`,
     as :func:`osop_ros.core.factory.build_pipeline` does) applies its ``pipeline`` verification keys.
 
-    ``rgb_segmenter`` (optional) replaces ``segmenter`` for frames estimated without depth.
+    ``rgb_segmenter`` (optional) replaces ``segmenter`` for frames estimated without depth;
+    ``scale_search`` (optional, with a verifier) moves the verified pose of such frames along its viewing
+    ray to the best-verified distance (:mod:`osop_ros.core.scale_search`).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Pipeline:
         depth_refiner: DepthMaskRefiner | None = None,
         symmetry_search: ColourSymmetrySearch | None = None,
         rgb_segmenter: Segmenter | None = None,
+        scale_search: RgbScaleSearch | None = None,
     ) -> None:
         if modality not in ("auto", "rgb", "rgbd"):
             raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
@@ -92,6 +96,7 @@ class Pipeline:
         self.candidates = candidates
         self.depth_refiner = depth_refiner
         self.symmetry_search = symmetry_search
+        self.scale_search = scale_search
         self._config: OsopConfig | None = None
         self._last: dict[str, PoseEstimate] = {}
 
@@ -108,8 +113,9 @@ class Pipeline:
 
     def configure(self, p: PipelineConfig, base_dir: str = "") -> None:
         """Apply the verification keys of ``p`` (verify, verify_refine_top_n, verify_candidates, calibration,
-        symmetry_search) and ``depth_seg``."""
+        symmetry_search, rgb_scale_search) and ``depth_seg``."""
         from osop_ros.core.depth_seg import DepthMaskRefiner
+        from osop_ros.core.scale_search import RgbScaleSearch, ScaleSearchConfig
         from osop_ros.core.symmetry import ColourSymmetrySearch, SymmetrySearchConfig
         from osop_ros.core.verify import Verifier
 
@@ -126,10 +132,14 @@ class Pipeline:
             if self.symmetry_search is not None:
                 for obj in self.objects:
                     self.symmetry_search.prepare(obj)
+            self.scale_search = (
+                RgbScaleSearch(self.verifier, ScaleSearchConfig(p.rgb_scale_search, p.rgb_scale_steps))
+                if p.rgb_scale_search > 0 else None
+            )
         else:
             if self.verifier is not None:
                 self.verifier.release()
-            self.verifier, self.calibration, self.symmetry_search = None, None, None
+            self.verifier, self.calibration, self.symmetry_search, self.scale_search = None, None, None, None
         self.refine_top_n = int(p.verify_refine_top_n)
         self.candidates = int(p.verify_candidates)
 
@@ -272,6 +282,15 @@ class Pipeline:
         sel = select_hypothesis(self.verifier, vobs, seg, obj, hyps, do_refine if solver_refine else None,
                                 self.refine_top_n, extra, flips=flips if vc.flip_top_n > 0 else ())
         assert sel is not None
+        if self.scale_search is not None and not depth_used:
+            t1 = time.perf_counter()
+            sc = self.scale_search(vobs, seg, obj, sel.hypothesis.T_cam_obj, extra(sel.hypothesis))
+            diag["rgb_scale"] = round(sc.scale, 4)
+            if sc.scale != 1.0:
+                h = PoseHypothesis(sc.T_cam_obj, sel.hypothesis.score, sel.hypothesis.inliers,
+                                   {**sel.hypothesis.info, "rgb_scale": sc.scale})
+                sel = Selected(h, sc.verification, sel.candidates, sel.refined)
+            timings["scale"] = time.perf_counter() - t1
         if self.symmetry_search is not None:
             t1, refine_before = time.perf_counter(), t_refine[0]
             choice = self.symmetry_search(vobs, seg, obj, sel.hypothesis.T_cam_obj, depth_used)
@@ -309,7 +328,9 @@ class Pipeline:
                     for i in range(len(flips))
                 ]
         timings["refine"] = t_refine[0]
-        timings["verify"] = time.perf_counter() - t - t_refine[0] - timings.get("symmetry", 0.0)
+        timings["verify"] = (
+            time.perf_counter() - t - t_refine[0] - timings.get("symmetry", 0.0) - timings.get("scale", 0.0)
+        )
         p = self.calibration.probability(feats, modality) if self.calibration is not None else None
         diag.update({
             "verify": {k: (None if v != v else float(v)) for k, v in feats.items()},

@@ -176,6 +176,11 @@ _CORE_DESCRIPTIONS = {
     "pipeline.proposal_cover_weight": "proposals: ranking weight of the share of the head's mask covered",
     "pipeline.proposal_colour_weight": "proposals: ranking weight of the colour agreement with the templates",
     "pipeline.proposal_min_score": "proposals: drop masks whose ranking score (cosine + weighted terms) is below this",
+    "pipeline.rgb_scale_search": (
+        "frames without depth: move the pose along its viewing ray by up to this relative distance change to the "
+        "best-verified distance (0 = off)"
+    ),
+    "pipeline.rgb_scale_steps": "frames without depth: distance factors tried by rgb_scale_search (log-spaced)",
 }
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
@@ -191,6 +196,8 @@ _CORE_RANGES = {
     "pipeline.proposal_cover_weight": (0.0, 5.0),
     "pipeline.proposal_colour_weight": (0.0, 5.0),
     "pipeline.proposal_min_score": (-2.0, 5.0),
+    "pipeline.rgb_scale_search": (0.0, 0.5),
+    "pipeline.rgb_scale_steps": (3, 101),
 }
 _CORE_SECTIONS = (("weights", WeightsConfig), ("templates", TemplatesConfig), ("pipeline", PipelineConfig))
 LIVE_PARAMS = {"pipeline.score_threshold"}
