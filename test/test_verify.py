@@ -428,3 +428,36 @@ def test_pipeline_flip_margin_only_when_the_calibration_reads_it(scene) -> None:
         assert all(f["features"]["flip_margin"] < 0 for f in d2["verify_flips"])
     finally:
         pipe.verifier.release()
+
+
+class FarStubStages(StubStages):
+    """The near-right hypothesis 8 % too far along its viewing ray (a PnP distance error)."""
+
+    def propose(self, obs, seg, corrs, obj):
+        from osop_ros.core.scale_search import along_ray
+
+        T = self.s["T"]
+        far = along_ray(T, np.asarray(self.s["model"].center, float), 1.08)
+        return [PoseHypothesis(_rot(T, [0, 1, 0], 50), 0.9, 10, {"corr_set": 0}),
+                PoseHypothesis(far, 0.3, 10, {"corr_set": 1})]
+
+
+def test_pipeline_searches_the_distance_without_depth_only(scene) -> None:
+    """RGB frames: the verified pose is moved along its ray towards the true distance (``rgb_scale`` in the
+    diagnostics, a ``scale`` timing); RGB-D frames never take the search (ICP decides there)."""
+    from osop_ros.core.scale_search import RgbScaleSearch
+
+    st = FarStubStages(scene)
+    verifier = Verifier()
+    pipe = Pipeline([scene["obj"]], st.segment, st.match, st.correspond, st, verifier=verifier,
+                    scale_search=RgbScaleSearch(verifier))
+    try:
+        z_true = float(scene["T"][2, 3])
+        e = pipe(Observation(scene["rgb"], CAM, None))[0]
+        assert e.diagnostics["rgb_scale"] < 0.97 and "scale" in e.timings
+        assert abs(e.T_cam_obj[2, 3] / z_true - 1) < 0.04  # from 8 % off
+        assert rotation_angle_deg(e.R, scene["T"][:3, :3]) < 1e-6  # rotation untouched
+        e_d = pipe(Observation(scene["rgb"], CAM, scene["depth"]))[0]
+        assert "rgb_scale" not in e_d.diagnostics and "scale" not in e_d.timings
+    finally:
+        verifier.release()
