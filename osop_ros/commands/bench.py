@@ -170,7 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--proposal-grid", default="", metavar="GX,GY", help="proposals: point-prompt grid (default 4,3)")
     p.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
     p.add_argument("--proposal-image-size", type=int, default=None,
-                   help="proposals: MobileSAM input side in pixels (default 512)")
+                   help="proposals: MobileSAM input side in pixels (default: the config's, 640)")
     p.add_argument("--segment-weights", default="", help="stage-1 head checkpoint (default: the shipped one)")
     p.add_argument("--out", default="out/bench")
     p.set_defaults(func=_run)

@@ -190,7 +190,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--proposal-grid", type=_int_list, default=None, metavar="GX,GY",
                    help="proposals: grid of point prompts (default 4,3)")
     q.add_argument("--proposal-peaks", type=int, default=None, help="proposals: head-peak prompts (default 4)")
-    q.add_argument("--proposal-image-size", type=int, default=None, help="proposals: MobileSAM input side (512)")
+    q.add_argument(
+        "--proposal-image-size", type=int, default=None, help="proposals: MobileSAM input side (default 640)"
+    )
     q.add_argument("--proposal-weights", type=_float_list, default=None, metavar="HEAD,COVER,COLOUR",
                    help="proposals: ranking weights (default: the fitted ones; session 19's rule: 0.2,0,0)")
     q.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")

@@ -107,6 +107,9 @@ class TemplatesConfig:
     cache_dir: str = ""
 
 
+# MobileSAM input side of the proposals (px): 640 since session 21 (512 before; chosen on our cal_val, RGB AR
+# 0.294 / 0.321 / 0.307 at 512 / 640 / 768; docs/results.md).
+PROPOSAL_IMAGE_SIZE = 640
 # Proposal ranking weights (relative to the template-descriptor cosine's), fitted in session 20 by
 # ``osop train proposal-rank`` on our generator's held-out scenes (docs/results.md).
 PROPOSAL_HEAD_WEIGHT = 0.148
@@ -167,7 +170,7 @@ class PipelineConfig:
     segmenter: str = "head"  # head | proposals
     segmenter_rgb: str = "proposals"  # same | head | proposals: stage 1 of frames without depth
     seg_ranking: str = "descriptor"  # descriptor | head (order of the head's components)
-    proposal_image_size: int = 512  # MobileSAM input side (px, multiple of 16)
+    proposal_image_size: int = PROPOSAL_IMAGE_SIZE  # MobileSAM input side (px, multiple of 16)
     proposal_grid_x: int = 4
     proposal_grid_y: int = 3
     proposal_head_peaks: int = 4

@@ -31,7 +31,12 @@ import cv2
 import numpy as np
 import torch
 
-from osop_ros.core.config import PROPOSAL_COLOUR_WEIGHT, PROPOSAL_COVER_WEIGHT, PROPOSAL_HEAD_WEIGHT
+from osop_ros.core.config import (
+    PROPOSAL_COLOUR_WEIGHT,
+    PROPOSAL_COVER_WEIGHT,
+    PROPOSAL_HEAD_WEIGHT,
+    PROPOSAL_IMAGE_SIZE,
+)
 from osop_ros.core.geometry import mask_to_box
 from osop_ros.core.matching import TemplateMatcher
 from osop_ros.core.segmentation import OneShotSegmenter, rank_margins
@@ -113,7 +118,7 @@ class ProposalConfig:
     returned per object, best first.
     """
 
-    image_size: int = 512
+    image_size: int = PROPOSAL_IMAGE_SIZE
     grid: tuple[int, int] = (4, 3)
     head_peaks: int = 4
     peak_min_prob: float = 0.3
