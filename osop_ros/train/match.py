@@ -197,8 +197,8 @@ class MatchTask:
         syms = {int(o): vobj["sym_R"][i] for i, o in enumerate(vobj["obj_id"])} if "sym_R" in vobj else {}
         val = {k: v[keep] for k, v in val.items()}
         if self.val_shape_noise > 0:  # fixed seed: the same corrupted queries at every validation
-            m = torch.from_numpy(val["q_mask"] > 0).float()[:, None]
-            m = mask_shape_noise(m, torch.Generator().manual_seed(12345), p=self.val_shape_noise)
+            gen = torch.Generator().manual_seed(12345)
+            m = mask_shape_noise(to_tensor_mask(val["q_mask"]), gen, p=self.val_shape_noise)
             val["q_mask"] = (m[:, 0].numpy() > 0.5).astype(val["q_mask"].dtype)  # {0, 1} like the shards
         return {"val": val, "banks": banks, "syms": syms}
 
