@@ -53,3 +53,22 @@ def test_pipeline_wiring() -> None:
     finally:
         if pipe.verifier is not None:
             pipe.verifier.release()
+
+
+def test_pipeline_wiring_contour_refine() -> None:
+    """``pipeline.rgb_contour_refine`` (on by default) builds the refinement on the pipeline's verifier."""
+    from osop_ros.core.contour_refine import RgbContourRefine
+    from osop_ros.core.pipeline import Pipeline
+
+    pipe = Pipeline([], None, None, None, None)  # type: ignore[arg-type]
+    pipe.config = load_config({})
+    try:
+        assert isinstance(pipe.contour_refine, RgbContourRefine) and pipe.contour_refine.verifier is pipe.verifier
+        assert pipe.contour_refine.config.dof == "full"
+        pipe.config = load_config({"pipeline": {"rgb_contour_refine": False}})
+        assert pipe.contour_refine is None
+        pipe.config = load_config({"pipeline": {"verify": False}})
+        assert pipe.contour_refine is None
+    finally:
+        if pipe.verifier is not None:
+            pipe.verifier.release()

@@ -95,8 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     lines = ["| stage | p50 (s) | p95 (s) |", "|---|---|---|"]
-    for k in ("segment", "depth_seg", "match", "correspond", "solve", "refine", "verify", "scale", "symmetry", "total",
-              "frame_total"):
+    for k in ("segment", "depth_seg", "match", "correspond", "solve", "refine", "verify", "scale", "contour",
+              "symmetry", "total", "frame_total"):
         if k in stats:
             lines.append(f"| {k} | {stats[k]['p50']:.3f} | {stats[k]['p95']:.3f} |")
     tb = report["template_bank"]

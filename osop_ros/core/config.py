@@ -147,6 +147,8 @@ class PipelineConfig:
     ``rgb_scale_search``: frames without depth: move the verified pose along its viewing ray by up to this
     relative distance change to the best-verified distance (``rgb_scale_steps`` log-spaced factors; 0 =
     off; :mod:`osop_ros.core.scale_search`, session 21).
+    ``rgb_contour_refine``: frames without depth: then pull the pose's rendered contour onto the image edges
+    near the stage-1 mask boundary (:mod:`osop_ros.core.contour_refine`, session 22).
     ``seg_ranking``: order of the head's components (which ones ``verify_candidates`` takes):
     ``descriptor`` = template-descriptor cosine + 0.2 x mean head probability (the proposals' rule),
     ``head`` = mean head probability x sqrt(area) (the rule before session 16).
@@ -180,6 +182,7 @@ class PipelineConfig:
     proposal_min_score: float = 0.0
     rgb_scale_search: float = 0.2  # max relative distance change searched without depth (0 = off)
     rgb_scale_steps: int = 21
+    rgb_contour_refine: bool = True  # frames without depth: edge-based (contour) refinement after the distance search
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.symmetry_partial_quantile < 0.98:

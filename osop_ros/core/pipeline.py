@@ -28,6 +28,7 @@ from osop_ros.core.types import (
 
 if TYPE_CHECKING:
     from osop_ros.core.config import OsopConfig, PipelineConfig
+    from osop_ros.core.contour_refine import RgbContourRefine
     from osop_ros.core.depth_seg import DepthMaskRefiner
     from osop_ros.core.scale_search import RgbScaleSearch
     from osop_ros.core.symmetry import ColourSymmetrySearch
@@ -57,7 +58,9 @@ class Pipeline:
 
     ``rgb_segmenter`` (optional) replaces ``segmenter`` for frames estimated without depth;
     ``scale_search`` (optional, with a verifier) moves the verified pose of such frames along its viewing
-    ray to the best-verified distance (:mod:`osop_ros.core.scale_search`).
+    ray to the best-verified distance (:mod:`osop_ros.core.scale_search`); ``contour_refine`` (optional, with
+    a verifier) then pulls its rendered contour onto the image edges and keeps the refinement when it
+    verifies better (:mod:`osop_ros.core.contour_refine`).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Pipeline:
         symmetry_search: ColourSymmetrySearch | None = None,
         rgb_segmenter: Segmenter | None = None,
         scale_search: RgbScaleSearch | None = None,
+        contour_refine: RgbContourRefine | None = None,
     ) -> None:
         if modality not in ("auto", "rgb", "rgbd"):
             raise InvalidInputError(f"modality must be auto|rgb|rgbd, got {modality!r}")
@@ -97,6 +101,7 @@ class Pipeline:
         self.depth_refiner = depth_refiner
         self.symmetry_search = symmetry_search
         self.scale_search = scale_search
+        self.contour_refine = contour_refine
         self._config: OsopConfig | None = None
         self._last: dict[str, PoseEstimate] = {}
 
@@ -113,7 +118,8 @@ class Pipeline:
 
     def configure(self, p: PipelineConfig, base_dir: str = "") -> None:
         """Apply the verification keys of ``p`` (verify, verify_refine_top_n, verify_candidates, calibration,
-        symmetry_search, rgb_scale_search) and ``depth_seg``."""
+        symmetry_search, rgb_scale_search, rgb_contour_refine) and ``depth_seg``."""
+        from osop_ros.core.contour_refine import RgbContourRefine
         from osop_ros.core.depth_seg import DepthMaskRefiner
         from osop_ros.core.scale_search import RgbScaleSearch, ScaleSearchConfig
         from osop_ros.core.symmetry import ColourSymmetrySearch, SymmetrySearchConfig
@@ -136,10 +142,12 @@ class Pipeline:
                 RgbScaleSearch(self.verifier, ScaleSearchConfig(p.rgb_scale_search, p.rgb_scale_steps))
                 if p.rgb_scale_search > 0 else None
             )
+            self.contour_refine = RgbContourRefine(self.verifier) if p.rgb_contour_refine else None
         else:
             if self.verifier is not None:
                 self.verifier.release()
             self.verifier, self.calibration, self.symmetry_search, self.scale_search = None, None, None, None
+            self.contour_refine = None
         self.refine_top_n = int(p.verify_refine_top_n)
         self.candidates = int(p.verify_candidates)
 
@@ -291,6 +299,17 @@ class Pipeline:
                                    {**sel.hypothesis.info, "rgb_scale": sc.scale})
                 sel = Selected(h, sc.verification, sel.candidates, sel.refined)
             timings["scale"] = time.perf_counter() - t1
+        if self.contour_refine is not None and not depth_used:
+            t1 = time.perf_counter()
+            cc = self.contour_refine(vobs, seg, obj, sel.hypothesis.T_cam_obj, extra(sel.hypothesis))
+            diag["rgb_contour"] = {"refined": cc.verification is not None, "points": cc.result.n_points,
+                                   "residual_px": None if cc.result.residual_px != cc.result.residual_px
+                                   else round(cc.result.residual_px, 3)}
+            if cc.verification is not None:
+                hy = sel.hypothesis
+                h = PoseHypothesis(cc.T_cam_obj, hy.score, hy.inliers, dict(hy.info))
+                sel = Selected(h, cc.verification, sel.candidates, sel.refined)
+            timings["contour"] = time.perf_counter() - t1
         if self.symmetry_search is not None:
             t1, refine_before = time.perf_counter(), t_refine[0]
             choice = self.symmetry_search(vobs, seg, obj, sel.hypothesis.T_cam_obj, depth_used)
@@ -330,6 +349,7 @@ class Pipeline:
         timings["refine"] = t_refine[0]
         timings["verify"] = (
             time.perf_counter() - t - t_refine[0] - timings.get("symmetry", 0.0) - timings.get("scale", 0.0)
+            - timings.get("contour", 0.0)
         )
         p = self.calibration.probability(feats, modality) if self.calibration is not None else None
         diag.update({

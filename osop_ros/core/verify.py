@@ -114,7 +114,7 @@ class _Crop:
     Kc: np.ndarray
 
 
-def _region(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def crop_region(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """``img[y0:y1, x0:x1]`` with zero padding where the box leaves the image."""
     x0, y0, x1, y1 = box
     H, W = img.shape[:2]
@@ -125,7 +125,8 @@ def _region(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return out
 
 
-def _resize(img: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
+def resize_to(img: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray:
+    """``img`` resized to ``size`` = (W, H) with ``interp`` (returned as is when it already has that size)."""
     if (img.shape[1], img.shape[0]) == size:
         return img
     return cv2.resize(img, size, interpolation=interp)
@@ -276,10 +277,17 @@ class Verifier:
         r, _ = self._renderer()
         return r.render(crop.Kc, crop.size[0], crop.size[1], [(self._key(obj), T)], znear=max(1e-3, 0.25 * z))
 
+    def render_view(self, K: np.ndarray, width: int, height: int, obj: OnboardedObject, T_cam_obj: np.ndarray) -> Any:
+        """:class:`~osop_ros.core.types.RenderOutput` of ``obj`` alone at ``T_cam_obj`` (4, 4) with intrinsics
+        ``K`` (3, 3) into ``width`` x ``height`` pixels, on this thread's renderer."""
+        z = float(transform_points(np.asarray(T_cam_obj, float), obj.model.center[None])[0, 2])
+        r, _ = self._renderer()
+        return r.render(K, width, height, [(self._key(obj), T_cam_obj)], znear=max(1e-3, 0.25 * z))
+
     @staticmethod
     def _inside(crop: _Crop, shape: tuple[int, int]) -> np.ndarray:
         """(Hc, Wc) bool: the crop pixels that lie inside the ``shape`` = (H, W) image."""
-        return _resize(_region(np.ones(shape, np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+        return resize_to(crop_region(np.ones(shape, np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
 
     # -- scoring ---------------------------------------------------------------------------------
     def verify(
@@ -315,7 +323,7 @@ class Verifier:
         occl = np.zeros_like(rend)
         d_o = None
         if depth is not None:
-            d_o = _resize(_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
+            d_o = resize_to(crop_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
             valid = rend_in & (d_o > 0)
             n_valid = int(valid.sum())
             feats["depth_valid"] = n_valid / max(int(rend_in.sum()), 1)
@@ -335,14 +343,14 @@ class Verifier:
         vis = rend_in & ~occl
         # silhouette agreement with the stage-1 mask
         if seg is not None:
-            m = _resize(_region(seg.mask.astype(np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
+            m = resize_to(crop_region(seg.mask.astype(np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
             inter, union = float((vis & m).sum()), float((vis | m).sum())
             feats["iou"] = inter / union if union > 0 else 0.0
             feats["mask_recall"] = inter / max(float(m.sum()), 1.0)
             feats["mask_precision"] = inter / max(float(vis.sum()), 1.0)
         # edges: rendered silhouette + depth discontinuities vs image (+ depth) edges
-        gray = cv2.cvtColor(_region(obs.rgb, crop.box), cv2.COLOR_RGB2GRAY)
-        gray = _resize(gray, crop.size, cv2.INTER_AREA)
+        gray = cv2.cvtColor(crop_region(obs.rgb, crop.box), cv2.COLOR_RGB2GRAY)
+        gray = resize_to(gray, crop.size, cv2.INTER_AREA)
         gray = cv2.GaussianBlur(gray, (3, 3), 0.8)
         obs_edges = cv2.Canny(gray, c.canny_low, c.canny_high, L2gradient=True).astype(bool) & inside
         obs_theta = _orientation(gray)
@@ -367,7 +375,8 @@ class Verifier:
             feats["texture_edge"] = max(0.0, (hit - chance) / (1.0 - chance))
         # colour: chromaticity (Lab a, b) of the rendered model vs the image, after removing the median cast
         if int(vis.sum()) >= c.min_render_px:
-            lab_o = cv2.cvtColor(_resize(_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA), cv2.COLOR_RGB2LAB)
+            rgb_o = resize_to(crop_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
+            lab_o = cv2.cvtColor(rgb_o, cv2.COLOR_RGB2LAB)
             lab_r = cv2.cvtColor(out.rgb, cv2.COLOR_RGB2LAB)
             dab = lab_o[vis][:, 1:].astype(np.float32) - lab_r[vis][:, 1:].astype(np.float32)
             dab -= np.median(dab, axis=0)
@@ -402,10 +411,10 @@ class Verifier:
         if crop is None:
             return out
         inside = self._inside(crop, (H, W))
-        rgb_o = _resize(_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
+        rgb_o = resize_to(crop_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
         lab_o = cv2.cvtColor(cv2.GaussianBlur(rgb_o, (3, 3), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
         depth = obs.depth if (use_depth and obs.depth is not None) else None
-        d_o = None if depth is None else _resize(_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
+        d_o = None if depth is None else resize_to(crop_region(depth, crop.box), crop.size, cv2.INTER_NEAREST)
         kernel = np.ones((3, 3), np.uint8)
         for n, T in enumerate(Ts):
             ren = self._render_crop(crop, obj, np.asarray(T, dtype=np.float64))

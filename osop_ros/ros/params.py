@@ -181,6 +181,9 @@ _CORE_DESCRIPTIONS = {
         "best-verified distance (0 = off)"
     ),
     "pipeline.rgb_scale_steps": "frames without depth: distance factors tried by rgb_scale_search (log-spaced)",
+    "pipeline.rgb_contour_refine": (
+        "frames without depth: after the distance search, pull the pose's rendered contour onto the image edges"
+    ),
 }
 _CORE_RANGES = {
     "pipeline.score_threshold": (0.0, 1.0),
