@@ -526,6 +526,36 @@ def test_contour_refinement_refuses(scene, verifier) -> None:
     assert not r.ok and np.array_equal(r.T_cam_obj, scene["T"])
 
 
+@pytest.mark.parametrize("case", ["empty mask", "full mask", "behind the camera", "half outside the image",
+                                  "far away (a few pixels)", "no mask"])
+def test_contour_refinement_bad_input(scene, verifier, case: str) -> None:
+    """Degenerate inputs never raise; when nothing can be refined the pose comes back unchanged, and whatever
+    comes back stays within the configured total change."""
+    from osop_ros.core.contour_refine import ContourRefineConfig, ContourRefiner
+
+    T, obj, seg = scene["T"], scene["obj"], scene["seg"]
+    H, W = seg.mask.shape
+    if case == "empty mask":
+        seg = SegmentationResult(np.zeros((H, W), bool), np.zeros((H, W), np.float32), None, 0.1)
+    elif case == "full mask":
+        seg = SegmentationResult(np.ones((H, W), bool), np.ones((H, W), np.float32), (0, 0, W, H), 0.1)
+    elif case == "behind the camera":
+        T = _shift(T, [0.0, 0.0, -1.0])
+    elif case == "half outside the image":
+        T = _shift(T, [0.33, 0.0, 0.0])
+    elif case == "far away (a few pixels)":
+        T = _shift(T, [0.0, 0.0, 30.0])
+    cfg = ContourRefineConfig()
+    r = ContourRefiner(verifier.render_view, cfg)(Observation(scene["rgb"], CAM, None),
+                                                  None if case == "no mask" else seg, obj, T)
+    if not r.ok:
+        assert np.array_equal(r.T_cam_obj, T)
+    dist, ang = _centre_error(r.T_cam_obj, T, np.asarray(scene["model"].center, float))
+    assert ang <= cfg.max_rotation_deg + 1e-6 and dist <= cfg.max_shift_frac * float(obj.model.diameter) + 1e-9
+    if case in ("empty mask", "behind the camera", "far away (a few pixels)"):
+        assert not r.ok
+
+
 def test_rgb_contour_refine_on_a_textured_background(scene, verifier) -> None:
     """On the textured scene (8-px blocks of random colour behind the object) a pose 5 mm off to the side
     comes back nearer the truth, verified better; a blank image leaves the pose and its verification alone."""
