@@ -22,14 +22,15 @@ sets (docs/results.md, session 22).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from osop_ros.core.geometry import transform_points
-from osop_ros.core.types import InvalidInputError, Observation, SegmentationResult
+from osop_ros.core.types import InvalidInputError, Observation, RenderOutput, SegmentationResult
 from osop_ros.core.verify import crop_region, resize_to
 
 if TYPE_CHECKING:
@@ -128,7 +129,11 @@ class ContourRefiner:
     ``render(K, W, H, obj, T) -> RenderOutput`` renders one object (the verifier's renderer).
     """
 
-    def __init__(self, render: Any, config: ContourRefineConfig | None = None) -> None:
+    def __init__(
+        self,
+        render: Callable[[np.ndarray, int, int, OnboardedObject, np.ndarray], RenderOutput],
+        config: ContourRefineConfig | None = None,
+    ) -> None:
         self.render = render
         self.config = config or ContourRefineConfig()
 

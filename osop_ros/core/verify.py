@@ -54,7 +54,7 @@ import numpy as np
 import yaml
 
 from osop_ros.core.geometry import transform_points
-from osop_ros.core.types import InvalidInputError, Observation, PoseHypothesis, SegmentationResult
+from osop_ros.core.types import InvalidInputError, Observation, PoseHypothesis, RenderOutput, SegmentationResult
 
 if TYPE_CHECKING:
     from osop_ros.core.stages import OnboardedObject
@@ -277,7 +277,9 @@ class Verifier:
         r, _ = self._renderer()
         return r.render(crop.Kc, crop.size[0], crop.size[1], [(self._key(obj), T)], znear=max(1e-3, 0.25 * z))
 
-    def render_view(self, K: np.ndarray, width: int, height: int, obj: OnboardedObject, T_cam_obj: np.ndarray) -> Any:
+    def render_view(
+        self, K: np.ndarray, width: int, height: int, obj: OnboardedObject, T_cam_obj: np.ndarray
+    ) -> RenderOutput:
         """:class:`~osop_ros.core.types.RenderOutput` of ``obj`` alone at ``T_cam_obj`` (4, 4) with intrinsics
         ``K`` (3, 3) into ``width`` x ``height`` pixels, on this thread's renderer."""
         z = float(transform_points(np.asarray(T_cam_obj, float), obj.model.center[None])[0, 2])
