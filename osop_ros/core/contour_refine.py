@@ -31,7 +31,7 @@ import numpy as np
 
 from osop_ros.core.geometry import transform_points
 from osop_ros.core.types import InvalidInputError, Observation, RenderOutput, SegmentationResult
-from osop_ros.core.verify import crop_region, resize_to
+from osop_ros.core.verify import crop_camera, crop_region, inside_image, projected_bbox, resize_to
 
 if TYPE_CHECKING:
     from osop_ros.core.stages import OnboardedObject
@@ -139,28 +139,19 @@ class ContourRefiner:
 
     def _crop(self, K: np.ndarray, T: np.ndarray, obj: OnboardedObject, shape: tuple[int, int],
               pad_px: float) -> tuple[tuple[int, int, int, int], tuple[int, int], np.ndarray, float] | None:
-        m = obj.model
-        lo, hi = np.asarray(m.bbox_min, float), np.asarray(m.bbox_max, float)
-        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-        p = transform_points(T, corners)
-        if np.any(p[:, 2] <= 1e-3) or not np.all(np.isfinite(p)):
+        """(box, (Wc, Hc), Kc, crop px per image px) around the projected model box padded by ``pad_px``."""
+        proj = projected_bbox(K, T, obj)
+        if proj is None:
             return None
-        uv = p[:, :2] / p[:, 2:3] * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
         H, W = shape
-        x0, y0 = np.floor(uv.min(axis=0) - pad_px)
-        x1, y1 = np.ceil(uv.max(axis=0) + pad_px) + 1
+        x0, y0 = np.floor(proj[0] - pad_px)
+        x1, y1 = np.ceil(proj[1] + pad_px) + 1
         x0, y0, x1, y1 = max(x0, -W), max(y0, -H), min(x1, 2 * W), min(y1, 2 * H)
         if x1 - x0 < 8 or y1 - y0 < 8:
             return None
         box = (int(x0), int(y0), int(x1), int(y1))
-        w, h = box[2] - box[0], box[3] - box[1]
-        s = min(1.0, self.config.side / max(w, h))
-        Wc, Hc = max(8, round(w * s)), max(8, round(h * s))
-        sx, sy = Wc / w, Hc / h
-        Kc = np.array([[K[0, 0] * sx, 0.0, (K[0, 2] - box[0] + 0.5) * sx - 0.5],
-                       [0.0, K[1, 1] * sy, (K[1, 2] - box[1] + 0.5) * sy - 0.5],
-                       [0.0, 0.0, 1.0]])
-        return box, (Wc, Hc), Kc, float(np.sqrt(sx * sy))
+        size, Kc = crop_camera(K, box, self.config.side)
+        return box, size, Kc, float(np.sqrt(size[0] / (box[2] - box[0]) * size[1] / (box[3] - box[1])))
 
     def _measure(
         self, gray_full: np.ndarray, mask_full: np.ndarray | None, K: np.ndarray, obj: OnboardedObject,
@@ -185,7 +176,7 @@ class ContourRefiner:
         gray = cv2.GaussianBlur(gray, (0, 0), 1.0)
         gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3) / 8.0
         gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-        inside = resize_to(crop_region(np.ones((H, W), np.uint8), box), (Wc, Hc), cv2.INTER_NEAREST).astype(bool)
+        inside = inside_image(box, (Wc, Hc), (H, W))
         # contour pixels, outward normals
         er = cv2.erode(rend.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         soft = cv2.GaussianBlur(rend.astype(np.float32), (0, 0), 1.5)

@@ -132,6 +132,39 @@ def resize_to(img: np.ndarray, size: tuple[int, int], interp: int) -> np.ndarray
     return cv2.resize(img, size, interpolation=interp)
 
 
+def projected_bbox(K: np.ndarray, T_cam_obj: np.ndarray, obj: OnboardedObject) -> tuple[np.ndarray, np.ndarray] | None:
+    """(uv_min (2,), uv_max (2,)) px of the model's bounding-box corners projected with ``K`` (3, 3) at
+    ``T_cam_obj`` (4, 4); None when a corner is behind the camera or not finite."""
+    lo, hi = np.asarray(obj.model.bbox_min, float), np.asarray(obj.model.bbox_max, float)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    p = transform_points(T_cam_obj, corners)
+    if np.any(p[:, 2] <= 1e-3) or not np.all(np.isfinite(p)):
+        return None
+    uv = p[:, :2] / p[:, 2:3] * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+    return uv.min(axis=0), uv.max(axis=0)
+
+
+def crop_camera(K: np.ndarray, box: tuple[int, int, int, int], side: int) -> tuple[tuple[int, int], np.ndarray]:
+    """((Wc, Hc), Kc (3, 3)): the integer full-image ``box`` resampled so its longest side is at most ``side``
+    px (never enlarged), and the intrinsics of that crop (pixel centres kept)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    s = min(1.0, side / max(w, h))
+    Wc, Hc = max(8, round(w * s)), max(8, round(h * s))
+    sx, sy = Wc / w, Hc / h
+    Kc = np.array(
+        [[K[0, 0] * sx, 0.0, (K[0, 2] - box[0] + 0.5) * sx - 0.5],
+         [0.0, K[1, 1] * sy, (K[1, 2] - box[1] + 0.5) * sy - 0.5],
+         [0.0, 0.0, 1.0]]
+    )
+    return (Wc, Hc), Kc
+
+
+def inside_image(box: tuple[int, int, int, int], size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(Hc, Wc) bool: the pixels of ``box`` resampled to ``size`` = (Wc, Hc) that lie inside the ``shape`` =
+    (H, W) image."""
+    return resize_to(crop_region(np.ones(shape, np.uint8), box), size, cv2.INTER_NEAREST).astype(bool)
+
+
 def _contour(mask: np.ndarray) -> np.ndarray:
     """Inner boundary pixels of a bool mask (4-connected erosion)."""
     m = mask.astype(np.uint8)
@@ -238,16 +271,12 @@ class Verifier:
     def _crop(self, K: np.ndarray, T_cam_obj: np.ndarray, obj: OnboardedObject,
               seg_box: tuple[int, int, int, int] | None, shape: tuple[int, int]) -> _Crop | None:
         """Crop around the projected model bounding box and the mask box; None when behind the camera."""
-        m = obj.model
-        lo, hi = np.asarray(m.bbox_min, float), np.asarray(m.bbox_max, float)
-        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-        p = transform_points(T_cam_obj, corners)
-        if np.any(p[:, 2] <= 1e-3) or not np.all(np.isfinite(p)):
+        proj = projected_bbox(K, T_cam_obj, obj)
+        if proj is None:
             return None
-        uv = p[:, :2] / p[:, 2:3] * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
         H, W = shape
-        x0, y0 = np.floor(uv.min(axis=0))
-        x1, y1 = np.ceil(uv.max(axis=0)) + 1
+        x0, y0 = np.floor(proj[0])
+        x1, y1 = np.ceil(proj[1]) + 1
         # a projection far larger than the image (object at the lens) is clamped to a 3x image window
         x0, x1 = max(x0, -W), min(x1, 2 * W)
         y0, y1 = max(y0, -H), min(y1, 2 * H)
@@ -258,16 +287,8 @@ class Verifier:
             return None
         pad = self.config.pad_frac * max(x1 - x0, y1 - y0) + 2
         box = (int(x0 - pad), int(y0 - pad), int(x1 + pad), int(y1 + pad))
-        w, h = box[2] - box[0], box[3] - box[1]
-        s = min(1.0, self.config.render_side / max(w, h))
-        Wc, Hc = max(8, round(w * s)), max(8, round(h * s))
-        sx, sy = Wc / w, Hc / h
-        Kc = np.array(
-            [[K[0, 0] * sx, 0.0, (K[0, 2] - box[0] + 0.5) * sx - 0.5],
-             [0.0, K[1, 1] * sy, (K[1, 2] - box[1] + 0.5) * sy - 0.5],
-             [0.0, 0.0, 1.0]]
-        )
-        return _Crop(box, (Wc, Hc), Kc)
+        size, Kc = crop_camera(K, box, self.config.render_side)
+        return _Crop(box, size, Kc)
 
     def _render_crop(self, crop: _Crop, obj: OnboardedObject, T: np.ndarray) -> Any | None:
         """Render ``obj`` at ``T`` (4, 4) into ``crop``; None when its centre is not in front of the camera."""
@@ -285,11 +306,6 @@ class Verifier:
         z = float(transform_points(np.asarray(T_cam_obj, float), obj.model.center[None])[0, 2])
         r, _ = self._renderer()
         return r.render(K, width, height, [(self._key(obj), T_cam_obj)], znear=max(1e-3, 0.25 * z))
-
-    @staticmethod
-    def _inside(crop: _Crop, shape: tuple[int, int]) -> np.ndarray:
-        """(Hc, Wc) bool: the crop pixels that lie inside the ``shape`` = (H, W) image."""
-        return resize_to(crop_region(np.ones(shape, np.uint8), crop.box), crop.size, cv2.INTER_NEAREST).astype(bool)
 
     # -- scoring ---------------------------------------------------------------------------------
     def verify(
@@ -317,7 +333,7 @@ class Verifier:
             return zero
         rend = out.mask
         d_r = out.depth
-        inside = self._inside(crop, (H, W))
+        inside = inside_image(crop.box, crop.size, (H, W))
         rend_in = rend & inside
         if int(rend_in.sum()) < c.min_render_px:
             return Verification(0.0, {**zero.features}, crop.box, crop.size[0] / (crop.box[2] - crop.box[0]))
@@ -412,7 +428,7 @@ class Verifier:
         crop = self._crop(K, np.asarray(Ts[0], np.float64), obj, None if seg is None else seg.box, (H, W))
         if crop is None:
             return out
-        inside = self._inside(crop, (H, W))
+        inside = inside_image(crop.box, crop.size, (H, W))
         rgb_o = resize_to(crop_region(obs.rgb, crop.box), crop.size, cv2.INTER_AREA)
         lab_o = cv2.cvtColor(cv2.GaussianBlur(rgb_o, (3, 3), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
         depth = obs.depth if (use_depth and obs.depth is not None) else None
